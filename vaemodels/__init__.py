@@ -1,0 +1,43 @@
+"""The model zoo: every autoencoder family behind one interface (see `common.AutoEncoderModel`).
+
+`MODELS` maps registry names to classes; `build()` makes one from defaults plus overrides;
+`save_model`/`load_model` move them to and from disk without pickle. No Ray, no MLflow here.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from vaemodels.common import AutoEncoderModel, ConfigError, ModelConfig
+from vaemodels.serialization import load_model, save_model
+from vaemodels.vae import VAE, VAEConfig
+
+MODELS: dict[str, type[AutoEncoderModel]] = {
+    "vae": VAE,
+}
+
+
+def model_class(name: str) -> type[AutoEncoderModel]:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ConfigError(f"unknown model {name!r}; registered models: {', '.join(MODELS)}") from None
+
+
+def build(name: str, input_shape: tuple[int, int, int], num_classes: int | None = None,
+          **overrides: Any) -> AutoEncoderModel:
+    """Build model `name` for images of shape (C, H, W) from its defaults plus `overrides`.
+
+    Unknown override names and bad values raise ConfigError naming the field.
+    """
+    cls = model_class(name)
+    config = cls.config_class.from_dict(overrides)
+    return cls(config, tuple(int(d) for d in input_shape), num_classes)
+
+
+def build_from_spec(spec: dict[str, Any]) -> AutoEncoderModel:
+    """Inverse of `serialization.model_spec`."""
+    return build(spec["name"], tuple(spec["input_shape"]), spec.get("num_classes"), **spec["config"])
+
+
+__all__ = ["MODELS", "AutoEncoderModel", "ConfigError", "ModelConfig", "build", "build_from_spec",
+           "model_class", "load_model", "save_model", "VAE", "VAEConfig"]
