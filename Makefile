@@ -1,0 +1,34 @@
+# Two commands matter: `make demo` (the whole pipeline on embedded defaults) and `make test`.
+# Both create or reuse the virtual environment in $(VENV) and install what they need.
+# GPU machines: install your own torch build into the venv first (or set TORCH_SPEC); an
+# existing torch is kept. Here the default takes the local CPU wheel torch==2.13.0.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/vaepipe demo --workdir demo
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf demo .pytest_cache

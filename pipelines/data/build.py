@@ -1,0 +1,131 @@
+"""`vaepipe data build`: turn an image source into WebDataset tar shards (`train/`, `val/`) and a
+`manifest.json`, written with webdataset's own ShardWriter. The build happens in a temporary
+folder beside the target and is renamed into place at the end, so an interrupted build never
+leaves a manifest that lists missing or partial shards, and an old dataset is only replaced
+(with --overwrite) once the new one is complete.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from pipelines.data.manifest import FORMAT_VERSION, MANIFEST_NAME, file_sha256
+from pipelines.data.sources import ImageSource, SourceError, open_source
+
+ENCODE_CHUNK = 1024  # images fetched (rendered/resized) at a time
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    source: str  # shapes | digits | mnist5k | imagefolder:PATH | npz:PATH
+    out: str  # output folder (must be absent or empty unless overwrite)
+    shard_size: int = 1000  # samples per tar shard (the last shard of a split may hold fewer)
+    val_fraction: float = 0.1  # share of samples held out for validation
+    seed: int = 0  # drives the sampling of procedural data and the train/val split
+    limit: int | None = None  # at most this many samples in total across splits
+    image_size: int | None = None  # resize every image to N x N
+    overwrite: bool = False  # replace a non-empty `out`
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise SourceError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise SourceError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (H, W, C) -> PNG bytes (grayscale for C == 1). PIL's PNG output is deterministic."""
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def split_indices(num_samples: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    order = np.random.default_rng(seed + 1).permutation(num_samples)
+    num_val = int(round(num_samples * val_fraction))
+    return {"train": np.sort(order[num_val:]), "val": np.sort(order[:num_val])}
+
+
+def _write_split(source: ImageSource, split: str, indices: np.ndarray, folder: Path,
+                 shard_size: int) -> list[dict[str, Any]]:
+    (folder / split).mkdir(parents=True)
+    counts: dict[str, int] = {}
+    pattern = str(folder / split / "shard-%06d.tar")
+    # mtime=0 makes the tar bytes (and so the sha256 sums) depend only on the data
+    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=0) as sink:
+        for start in range(0, len(indices), ENCODE_CHUNK):
+            chunk = indices[start:start + ENCODE_CHUNK]
+            images, labels, factors = source.batch(chunk)
+            for j, index in enumerate(chunk):
+                sample = {"__key__": f"{int(index):08d}", "png": encode_png(images[j]), "cls": int(labels[j])}
+                if factors is not None:
+                    sample["json"] = {"factors": factors[j].tolist()}
+                sink.write(sample)
+                counts[sink.fname] = counts.get(sink.fname, 0) + 1
+            print(f"[data] {split}: {min(start + ENCODE_CHUNK, len(indices))}/{len(indices)} samples",
+                  file=sys.stderr)
+    if not len(indices):  # ShardWriter opened an empty first shard: a split with no samples has none
+        for tar in (folder / split).glob("*.tar"):
+            tar.unlink()
+        return []
+    return [
+        {"name": f"{split}/{Path(name).name}", "num_samples": n, "sha256": file_sha256(name)}
+        for name, n in sorted(counts.items())
+    ]
+
+
+def build_dataset(config: BuildConfig) -> dict[str, Any]:
+    """Build shards + manifest at `config.out`; returns the manifest dict."""
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise SourceError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
+        raise SourceError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
+    source = open_source(config.source, config.limit, config.seed, config.image_size)
+    splits = split_indices(source.num_samples, config.val_fraction, config.seed)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        manifest: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "source": config.source,
+            "seed": config.seed,
+            "image_shape": list(source.image_shape),
+            "class_names": source.class_names,
+            "splits": {},
+        }
+        if source.factor_names:
+            manifest["factors"] = {"names": source.factor_names, "values": source.factor_values}
+        for split, indices in splits.items():
+            shards = _write_split(source, split, indices, staging, config.shard_size)
+            manifest["splits"][split] = {"num_samples": int(len(indices)), "shards": shards}
+        # the manifest is the last file written: its presence means every shard it lists is complete
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished build to `out`; an old `out` is removed only after the new one is in place."""
+    if out.exists():
+        retired = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(retired)
+        staging.rename(out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(out)

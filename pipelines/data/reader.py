@@ -1,0 +1,203 @@
+"""Streaming reader for training: a split's WebDataset shards as a torch IterableDataset, split
+across (rank, loader worker) "slots" so that every rank yields exactly the same number of
+samples per epoch (DDP hangs if one rank runs dry). Works for local paths and any URL fsspec
+opens (s3://, gs://, http://).
+
+How the split works: with S slots (world_size x loader workers), shards go to slots round-robin
+after a per-epoch shuffle that every slot computes identically, so no two slots read the same
+shard. Each slot then yields exactly floor(total / S) samples, cycling its own shards if they
+hold fewer (shards differ by at most one partial shard). With fewer shards than slots, every
+slot reads all shards and keeps every S-th sample. Corrupt shards and undecodable images are
+skipped, counted and warned about with the shard name; past `max_bad_fraction` it fails.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import fsspec
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipelines.data.manifest import Manifest, ShardInfo, read_manifest
+
+
+class DataReadError(RuntimeError):
+    """Too much of the data could not be read."""
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    batch_size: int = 64  # samples per batch on each rank
+    num_loader_workers: int = 0  # DataLoader worker processes per rank (0 = read in the training process)
+    shuffle_buffer: int = 1000  # samples held for shuffling (0 = keep shard order)
+    seed: int = 0  # shard and sample shuffling seed (combined with the epoch)
+    max_bad_fraction: float = 0.05  # fail once more than this share of expected samples is unreadable
+
+
+def decode_png(data: bytes) -> torch.Tensor:
+    """PNG bytes -> float tensor (C, H, W) in [0, 1]."""
+    array = np.array(Image.open(io.BytesIO(data)))  # a writable copy torch can own
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float().div_(255.0)
+
+
+def _open_stream(url: str):
+    return fsspec.open(url, "rb").open()
+
+
+class ShardStream(IterableDataset):
+    """One split of a dataset as decoded samples: {"image", "label", "index"[, "factors"]}.
+
+    Call `set_epoch(e)` before each epoch to reshuffle shards and samples identically on every rank.
+    """
+
+    def __init__(self, manifest: Manifest | str, split: str, rank: int = 0, world_size: int = 1,
+                 shuffle_buffer: int = 1000, seed: int = 0, max_bad_fraction: float = 0.05,
+                 num_loader_workers: int = 1):
+        super().__init__()
+        self.manifest = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
+        self.split = split
+        self.shards = self.manifest.shards(split)
+        self.total = self.manifest.num_samples(split)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer, self.seed, self.max_bad_fraction = shuffle_buffer, seed, max_bad_fraction
+        self.num_loader_workers = max(1, num_loader_workers)
+        self.has_factors = bool(self.manifest.factor_names)
+        self.epoch = 0
+        if self.total < world_size * self.num_loader_workers:
+            raise DataReadError(
+                f"split {split!r} has {self.total} samples, fewer than ranks x loader workers "
+                f"({world_size} x {self.num_loader_workers}): every reader needs at least one"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def samples_per_rank(self) -> int:
+        """Exactly what one rank yields per epoch (same on every rank)."""
+        slots = self.world_size * self.num_loader_workers
+        return (self.total // slots) * self.num_loader_workers
+
+    # -- iteration ----------------------------------------------------------------------------
+    def _slot(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers = info.num_workers if info is not None else 1
+        if workers != self.num_loader_workers:
+            raise ValueError(f"ShardStream was built for {self.num_loader_workers} loader workers, "
+                             f"the DataLoader runs {workers}")
+        worker = info.id if info is not None else 0
+        return self.rank * workers + worker, self.world_size * workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        slot, slots = self._slot()
+        quota = self.total // slots
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))  # identical on every slot: same seed and epoch
+        shards = [self.shards[i] for i in order]
+        if len(shards) >= slots:
+            mine, stride = shards[slot::slots], None
+        else:
+            mine, stride = shards, (slot, slots)
+        samples = self._samples(mine, stride, quota)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(f"{self.seed}-{self.epoch}-{slot}")
+            samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(samples)
+        yield from samples
+
+    def _samples(self, shards: list[ShardInfo], stride: tuple[int, int] | None, quota: int):
+        """Decoded samples from `shards`, cycled until exactly `quota` were yielded."""
+        emitted, expected, bad = 0, 0, 0
+        while emitted < quota:
+            yielded_this_pass = 0
+            for shard in shards:
+                good, errors = 0, []
+                for position, sample in enumerate(self._read_shard(shard, errors)):
+                    if stride is not None and position % stride[1] != stride[0]:
+                        continue
+                    try:
+                        decoded = self._decode(sample)
+                    except Exception as exc:  # PIL raises many error types on broken PNGs
+                        errors.append(f"sample {sample.get('__key__')}: {exc}")
+                        continue
+                    good += 1
+                    yield decoded
+                    emitted += 1
+                    yielded_this_pass += 1
+                    if emitted >= quota:
+                        return
+                share = shard.num_samples if stride is None else len(range(stride[0], shard.num_samples, stride[1]))
+                expected += share
+                missing = share - good
+                if missing > 0:
+                    bad += missing
+                    print(f"[data] warning: shard {shard.name}: {missing} of {share} samples unreadable "
+                          f"({'; '.join(errors[:3]) or 'truncated'})", file=sys.stderr)
+                    if bad > self.max_bad_fraction * max(expected, 1):
+                        raise DataReadError(
+                            f"{bad} of {expected} samples read so far from split {self.split!r} were unreadable "
+                            f"(more than max_bad_fraction={self.max_bad_fraction}); last bad shard: {shard.url}"
+                        )
+            if yielded_this_pass == 0:
+                raise DataReadError(f"no readable samples in shards {[s.name for s in shards]}")
+
+    def _read_shard(self, shard: ShardInfo, errors: list[str]):
+        """Raw samples of one tar shard; read errors are recorded instead of raised."""
+        def record(exc: Exception) -> bool:
+            errors.append(str(exc))
+            return False  # stop this shard: a tar stream cannot resync after a bad block
+
+        try:
+            stream = _open_stream(shard.url)
+        except Exception as exc:
+            errors.append(f"cannot open: {exc}")
+            return
+        try:
+            source = [{"url": shard.url, "stream": stream}]
+            files = wds.tariterators.tar_file_expander(source, handler=record, eof_value=None)
+            yield from wds.tariterators.group_by_keys(files, handler=record)
+        except Exception as exc:  # a truncated gzip/tar may raise outside the handler
+            errors.append(str(exc))
+        finally:
+            stream.close()
+
+    def _decode(self, sample: dict[str, Any]) -> dict[str, Any]:
+        out = {
+            "image": decode_png(sample["png"]),
+            "label": torch.tensor(int(sample["cls"]), dtype=torch.long),
+            "index": torch.tensor(int(sample["__key__"]), dtype=torch.long),  # position in the source
+        }
+        if self.has_factors:
+            out["factors"] = torch.tensor(json.loads(sample["json"])["factors"], dtype=torch.float32)
+        return out
+
+
+def make_loader(manifest: Manifest | str, split: str, config: ReaderConfig, rank: int = 0,
+                world_size: int = 1, epoch: int = 0) -> DataLoader:
+    """A DataLoader over one split for one rank: `len(loader)` batches, equal on every rank."""
+    dataset = ShardStream(manifest, split, rank, world_size, config.shuffle_buffer, config.seed,
+                          config.max_bad_fraction, max(1, config.num_loader_workers))
+    dataset.set_epoch(epoch)
+    per_worker = dataset.samples_per_rank() // max(1, config.num_loader_workers)
+    if per_worker < config.batch_size:
+        raise DataReadError(f"split {split!r}: each loader worker gets {per_worker} samples per epoch, "
+                            f"fewer than batch_size={config.batch_size}; lower the batch size or the workers")
+    return DataLoader(dataset, batch_size=config.batch_size, drop_last=True,
+                      num_workers=config.num_loader_workers,
+                      persistent_workers=False)
+
+
+def batches_per_epoch(loader: DataLoader) -> int:
+    """drop_last applies per loader worker, so count per worker."""
+    dataset: ShardStream = loader.dataset
+    workers = max(1, loader.num_workers)
+    return workers * ((dataset.samples_per_rank() // workers) // loader.batch_size)
