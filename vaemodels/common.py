@@ -316,6 +316,9 @@ class AutoEncoderModel(nn.Module):
     is_variational: ClassVar[bool] = False  # has a posterior q(z|x): kl, elbo, log_likelihood
     is_generative: ClassVar[bool] = False  # sample() draws new data
     is_conditional: ClassVar[bool] = False  # decode/sample take class labels
+    # optimizer group -> the loss key it minimizes; the loop backpropagates their sum once, so a
+    # family with several groups must keep each key's gradient inside its own group (see vae_gan)
+    optimizer_losses: ClassVar[dict[str, str]] = {"model": "loss"}
 
     def __init__(self, config: ModelConfig, input_shape: tuple[int, int, int], num_classes: int | None = None):
         super().__init__()
@@ -340,6 +343,10 @@ class AutoEncoderModel(nn.Module):
         return {"model": list(self.parameters())}
 
     # -- the interface ------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Same as loss(): going through forward lets DistributedDataParallel sync gradients."""
+        return self.loss(batch)
+
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

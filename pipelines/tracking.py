@@ -1,0 +1,107 @@
+"""MLflow tracking for training runs: the driver opens a run and logs the whole config as
+params and the dataset hash as a tag; rank 0 logs metrics per epoch and, at the end, the final
+weights (pickle-free model folder) and sample / reconstruction / interpolation grids.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.config import flatten
+from pipelines.figures import display_scale, save_grid
+
+MODEL_ARTIFACT = "model"  # artifact path of the final weights (vaemodels.save_model folder)
+FIGURES_ARTIFACT = "figures"
+
+
+def connect(tracking_uri: str):
+    """An MlflowClient for `tracking_uri`; file stores' parent folders are created."""
+    import mlflow
+
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any],
+              tags: dict[str, str], parent_run_id: str | None = None) -> str:
+    """Create a run (nested under `parent_run_id` when given) with params and tags; returns its id."""
+    client = connect(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    all_tags = {"mlflow.runName": run_name, **tags}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+    from mlflow.entities import Param
+
+    flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+    for i in range(0, len(flat), 100):
+        client.log_batch(run.info.run_id, params=flat[i:i + 100])
+    return run.info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    connect(tracking_uri).set_terminated(run_id, status=status)
+
+
+class RunTracker:
+    """What rank 0 logs into an existing run."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client = connect(tracking_uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_final_artifacts(self, model, manifest, device: torch.device) -> None:
+        from pipelines.data import ReaderConfig, make_loader
+        from vaemodels import save_model
+
+        model.eval()
+        loader = make_loader(manifest, "val" if manifest.num_samples("val") >= 16 else "train",
+                             ReaderConfig(batch_size=16, shuffle_buffer=0))
+        batch = {k: v.to(device) for k, v in next(iter(loader)).items()}
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(model, Path(tmp) / MODEL_ARTIFACT)
+            self.client.log_artifacts(self.run_id, str(Path(tmp) / MODEL_ARTIFACT), MODEL_ARTIFACT)
+            for path in write_figures(model, batch, Path(tmp) / FIGURES_ARTIFACT):
+                self.client.log_artifact(self.run_id, str(path), FIGURES_ARTIFACT)
+
+
+@torch.no_grad()
+def write_figures(model, batch: dict[str, torch.Tensor], folder: Path, seed: int = 0) -> list[Path]:
+    """samples.png (generative models), reconstructions.png (originals above reconstructions) and
+    interpolation.png (decoded straight lines between the codes of real pairs)."""
+    images, labels = batch["image"], batch["label"]
+    scale = display_scale(images.shape[-1])
+    conditional = model.is_conditional
+    paths = []
+    if model.is_generative:
+        generator = torch.Generator().manual_seed(seed)
+        n = 64
+        sample_labels = torch.arange(n) % model.num_classes if conditional else None
+        paths.append(save_grid(model.sample(n, labels=sample_labels, generator=generator), folder / "samples.png",
+                               nrow=8, scale=scale))
+    known = labels if conditional and labels.min() >= 0 else None
+    recon = model.reconstruct(images, known) if known is not None else model.reconstruct(images)
+    paths.append(save_grid(torch.cat([images, recon]), folder / "reconstructions.png", nrow=len(images), scale=scale))
+    pairs = min(4, len(images) // 2)
+    codes = model.embed(images, known) if known is not None else model.embed(images)
+    steps = torch.linspace(0, 1, 8, device=codes.device)
+    rows = []
+    for p in range(pairs):
+        a, b = codes[2 * p], codes[2 * p + 1]
+        z = torch.stack([(1 - t) * a + t * b for t in steps])
+        row_labels = known[2 * p].repeat(len(steps)) if known is not None else None
+        rows.append(model.decode(z, row_labels) if row_labels is not None else model.decode(z))
+    paths.append(save_grid(torch.cat(rows), folder / "interpolation.png", nrow=len(steps), scale=scale))
+    return paths

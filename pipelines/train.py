@@ -1,0 +1,119 @@
+"""`vaepipe train`: the driver. It validates the config, opens the MLflow run (params = the
+whole resolved config, tag = dataset manifest hash), and runs `train_loop_per_worker` under Ray
+Train's TorchTrainer (DDP: gloo on CPU, NCCL on GPU) with checkpoints in the run's storage and
+FailureConfig restarts. Relaunching with the same run name resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from pipelines.config import ConfigError
+from pipelines.data import read_manifest
+from pipelines.tracking import end_run, start_run
+from pipelines.train_config import TrainConfig, validate_model_params
+from pipelines.train_loop import train_loop_per_worker
+
+RUN_INFO_FILE = "vaepipe-run.json"  # beside Ray's files in storage/NAME: config + MLflow run id
+
+
+def storage_root(config: TrainConfig) -> str:
+    """Ray wants an absolute local path or a URI."""
+    return config.storage if "://" in config.storage else str(Path(config.storage).resolve())
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Join RAY_ADDRESS / `address` if given, else start (or reuse) a local Ray instance."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+                 include_dashboard=False, configure_logging=False)
+
+
+def run_training(config: TrainConfig, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Train per `config`; returns the MLflow run id, the checkpoint location and final metrics."""
+    manifest = read_manifest(config.data)
+    validate_model_params(config, manifest.image_shape, manifest.num_classes or None)
+    if config.train.batch_size > manifest.num_samples("train") // config.scaling.workers:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} is larger than each worker's share of "
+                          f"the {manifest.num_samples('train')} training samples")
+    root = storage_root(config)
+    run_name = config.name or f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = start_run(config.tracking_uri(), config.tracking.experiment, run_name, config.to_dict(),
+                       {"dataset_sha256": manifest.sha256(), "dataset": manifest.location,
+                        "model": config.model.name, "vaepipe.storage": f"{root}/{run_name}"},
+                       parent_run_id=parent_run_id)
+    save_run_info(root, run_name, config, run_id)
+    return _fit(config, run_name, run_id)
+
+
+def resume_training(storage: str, run_name: str) -> dict[str, Any]:
+    """Continue run `run_name` under `storage` from its latest checkpoint, in the same MLflow run."""
+    root = storage if "://" in storage else str(Path(storage).resolve())
+    config, run_name, run_id = load_run_info(root, run_name)
+    print(f"[train] resuming run {run_name} (MLflow run {run_id})", file=sys.stderr)
+    return _fit(config, run_name, run_id)
+
+
+def _fit(config: TrainConfig, run_name: str, run_id: str) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    root = storage_root(config)
+    tracking_uri = config.tracking_uri()
+    ensure_ray()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**config.to_dict(), "mlflow_run_id": run_id},
+        scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=config.scaling.use_gpu,
+                                     resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=root,
+            failure_config=FailureConfig(max_failures=config.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=3),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        end_run(tracking_uri, run_id, "FAILED")
+        raise
+    end_run(tracking_uri, run_id, "FINISHED")
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    return {
+        "run_id": run_id,
+        "run_name": run_name,
+        "tracking_uri": tracking_uri,
+        "checkpoint": checkpoint,
+        "metrics": final_metrics(tracking_uri, run_id),
+    }
+
+
+def final_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
+    """The last value of every metric the run logged (what MLflow shows as the run's metrics)."""
+    from pipelines.tracking import connect
+
+    return dict(connect(tracking_uri).get_run(run_id).data.metrics)
+
+
+def save_run_info(root: str, run_name: str, config: TrainConfig, run_id: str) -> None:
+    with fsspec.open(f"{root}/{run_name}/{RUN_INFO_FILE}", "w", auto_mkdir=True) as f:
+        json.dump({"run_name": run_name, "mlflow_run_id": run_id, "config": config.to_dict()}, f, indent=2)
+
+
+def load_run_info(root: str, run_name: str) -> tuple[TrainConfig, str, str]:
+    try:
+        with fsspec.open(f"{root}/{run_name}/{RUN_INFO_FILE}", "r") as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"no run named {run_name!r} under storage {root} (nothing to resume)") from None
+    return TrainConfig.from_dict(info["config"]), info["run_name"], info["mlflow_run_id"]
