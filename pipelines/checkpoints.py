@@ -25,6 +25,7 @@ class TrainingState:
     epoch: int  # epoch to continue in
     batch: int  # batches of that epoch already done
     config: dict[str, Any]  # the resolved training config
+    resumed_from: tuple[int, ...] = ()  # steps this run was restarted from (after failures or --resume)
 
 
 def write_checkpoint(directory: str | Path, model: AutoEncoderModel, optimizers: dict[str, torch.optim.Optimizer],
@@ -32,12 +33,14 @@ def write_checkpoint(directory: str | Path, model: AutoEncoderModel, optimizers:
     directory = Path(directory)
     save_model(model, directory / MODEL_DIR)
     torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, directory / OPTIMIZERS_FILE)
-    (directory / STATE_FILE).write_text(json.dumps(state.__dict__, indent=2) + "\n")
+    (directory / STATE_FILE).write_text(json.dumps({**state.__dict__, "resumed_from": list(state.resumed_from)},
+                                                   indent=2) + "\n")
     return directory
 
 
 def read_state(directory: str | Path) -> TrainingState:
-    return TrainingState(**json.loads((Path(directory) / STATE_FILE).read_text()))
+    data = json.loads((Path(directory) / STATE_FILE).read_text())
+    return TrainingState(**{**data, "resumed_from": tuple(data.get("resumed_from", ()))})
 
 
 def restore_checkpoint(directory: str | Path, model: AutoEncoderModel,

@@ -66,7 +66,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
     """Build dataclass `cls` from a mapping, recursing into dataclass-typed fields."""
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path[:-1] or 'config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -51,7 +52,8 @@ def run_loop(config: dict[str, Any], session: Session) -> dict[str, float]:
     checkpoint = session.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = restore_checkpoint(directory, model, optimizers)
+            restored = restore_checkpoint(directory, model, optimizers)
+        state = replace(restored, resumed_from=(*restored.resumed_from, restored.step))
         print(f"[train] rank {rank}: resumed at step {state.step} (epoch {state.epoch}, batch {state.batch})",
               file=sys.stderr)
     wrapped = session.prepare_model(model)
@@ -101,7 +103,7 @@ def run_loop(config: dict[str, Any], session: Session) -> dict[str, float]:
             if step % cfg.train.checkpoint_every == 0 and done < num_batches:
                 progress = {"step": step, "epoch": epoch, **_mean(sums, done - skip, "train_")}
                 _report(session, model, optimizers, progress,
-                        TrainingState(step, epoch, done, cfg.to_dict()), rank)
+                        TrainingState(step, epoch, done, cfg.to_dict(), state.resumed_from), rank)
         elapsed = time.perf_counter() - started
         metrics = {
             "step": step,
@@ -115,7 +117,7 @@ def run_loop(config: dict[str, Any], session: Session) -> dict[str, float]:
                   + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("train_loss", "val_"))),
                   file=sys.stderr)
             tracker.log_metrics(metrics, step=epoch + 1)
-        _report(session, model, optimizers, metrics, TrainingState(step, epoch + 1, 0, cfg.to_dict()), rank)
+        _report(session, model, optimizers, metrics, TrainingState(step, epoch + 1, 0, cfg.to_dict(), state.resumed_from), rank)
 
     if tracker is not None:
         tracker.log_final_artifacts(model, manifest, device)

@@ -9,10 +9,18 @@ from typing import Any
 
 from vaemodels.common import AutoEncoderModel, ConfigError, ModelConfig
 from vaemodels.serialization import load_model, save_model
+from vaemodels.ae import AE, AEConfig
+from vaemodels.beta_vae import BetaVAE, BetaVAEConfig
+from vaemodels.cvae import CVAE, CVAEConfig
+from vaemodels.dae import DAE, DAEConfig
 from vaemodels.vae import VAE, VAEConfig
 
 MODELS: dict[str, type[AutoEncoderModel]] = {
+    "ae": AE,
+    "dae": DAE,
     "vae": VAE,
+    "beta_vae": BetaVAE,
+    "cvae": CVAE,
 }
 
 
@@ -40,4 +48,5 @@ def build_from_spec(spec: dict[str, Any]) -> AutoEncoderModel:
 
 
 __all__ = ["MODELS", "AutoEncoderModel", "ConfigError", "ModelConfig", "build", "build_from_spec",
-           "model_class", "load_model", "save_model", "VAE", "VAEConfig"]
+           "model_class", "load_model", "save_model", "AE", "AEConfig", "DAE", "DAEConfig", "VAE", "VAEConfig",
+           "BetaVAE", "BetaVAEConfig", "CVAE", "CVAEConfig"]

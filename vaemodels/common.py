@@ -326,7 +326,7 @@ class AutoEncoderModel(nn.Module):
             raise ConfigError(f"{self.name} needs a {self.config_class.__name__}, got {type(config).__name__}")
         if len(input_shape) != 3 or not all(isinstance(d, int) and d >= 1 for d in input_shape):
             raise ConfigError(f"input_shape must be (C, H, W) positive ints, got {input_shape!r}")
-        if self.is_conditional and not num_classes:
+        if self.is_conditional and (num_classes is None or num_classes < 2):
             raise ConfigError(f"model {self.name!r} is conditional and needs num_classes >= 2")
         self.config = config
         self.input_shape = tuple(input_shape)
@@ -393,7 +393,7 @@ class AutoEncoderModel(nn.Module):
         labels = torch.as_tensor(labels, dtype=torch.long)
         if labels.shape != (n,):
             raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-        if labels.min() < 0 or labels.max() >= self.num_classes:
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"labels must be in [0, {self.num_classes}), got {labels.min().item()}..{labels.max().item()}")
         return labels.to(self.device)
 
@@ -410,9 +410,9 @@ class VariationalModel(AutoEncoderModel):
         """log p(x, z_k) - log q(z_k | x) for k = 1..num_samples: shape (num_samples, B)."""
         raise NotImplementedError
 
-    def kl_per_dimension(self, x: torch.Tensor) -> torch.Tensor:
+    def kl_per_dimension(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Mean analytic KL per latent dimension over the batch (posterior collapse shows as ~0)."""
-        mu, logvar = self.encode(x)[:2]
+        mu, logvar = (self.encode(x, labels) if self.is_conditional else self.encode(x))[:2]
         return gaussian_kl_per_dim(mu, logvar).mean(0)
 
     @torch.no_grad()
