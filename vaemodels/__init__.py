@@ -13,7 +13,11 @@ from vaemodels.ae import AE, AEConfig
 from vaemodels.beta_vae import BetaVAE, BetaVAEConfig
 from vaemodels.cvae import CVAE, CVAEConfig
 from vaemodels.dae import DAE, DAEConfig
+from vaemodels.hvae import HVAE, HVAEConfig
+from vaemodels.ssvae import SSVAE, SSVAEConfig
 from vaemodels.vae import VAE, VAEConfig
+from vaemodels.vae_flow import VAEFlow, VAEFlowConfig
+from vaemodels.vae_gan import VAEGAN, VAEGANConfig
 
 MODELS: dict[str, type[AutoEncoderModel]] = {
     "ae": AE,
@@ -21,6 +25,10 @@ MODELS: dict[str, type[AutoEncoderModel]] = {
     "vae": VAE,
     "beta_vae": BetaVAE,
     "cvae": CVAE,
+    "vae_gan": VAEGAN,
+    "hvae": HVAE,
+    "vae_flow": VAEFlow,
+    "ssvae": SSVAE,
 }
 
 
@@ -49,4 +57,5 @@ def build_from_spec(spec: dict[str, Any]) -> AutoEncoderModel:
 
 __all__ = ["MODELS", "AutoEncoderModel", "ConfigError", "ModelConfig", "build", "build_from_spec",
            "model_class", "load_model", "save_model", "AE", "AEConfig", "DAE", "DAEConfig", "VAE", "VAEConfig",
-           "BetaVAE", "BetaVAEConfig", "CVAE", "CVAEConfig"]
+           "BetaVAE", "BetaVAEConfig", "CVAE", "CVAEConfig", "VAEGAN", "VAEGANConfig", "HVAE", "HVAEConfig",
+           "VAEFlow", "VAEFlowConfig", "SSVAE", "SSVAEConfig"]

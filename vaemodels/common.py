@@ -38,8 +38,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep the config hashable and frozen-friendly.
-        if isinstance(self.conv_channels, list):
-            object.__setattr__(self, "conv_channels", tuple(self.conv_channels))
+        for field in dataclasses.fields(self):
+            if isinstance(getattr(self, field.name), list):
+                object.__setattr__(self, field.name, tuple(getattr(self, field.name)))
         self._check()
 
     def _check(self) -> None:
