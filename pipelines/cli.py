@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole pipeline on embedded defaults into one folder",
                           description="Run every pipeline stage on the built-in shapes data, locally "
                                       "(local Ray, MLflow SQLite store under --workdir). Outputs: "
-                                      "WORKDIR/shards/manifest.json and the shards beside it.")
+                                      "WORKDIR/shards/manifest.json (+ shards), WORKDIR/mlflow.db, WORKDIR/runs/.")
     demo.add_argument("--workdir", default="demo", help="folder for all outputs (default ./demo)")
     demo.add_argument("--seed", type=int, default=0, help="seed for data, training and generation")
     demo.set_defaults(func=cmd_demo)

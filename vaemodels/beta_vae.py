@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
-from vaemodels.common import ModelConfig, _require, gaussian_kl, linear_warmup, reparameterize
-from vaemodels.vae import VAE
+from vaemodels.common import _require, gaussian_kl, linear_warmup, reparameterize
+from vaemodels.vae import VAE, VAEConfig
 
 
 @dataclass(frozen=True)
-class BetaVAEConfig(ModelConfig):
+class BetaVAEConfig(VAEConfig):
     beta: float = 4.0  # weight on KL in plain β mode; ignored when capacity_max > 0
     capacity_max: float = 0.0  # target KL in nats at the end of the schedule; 0 = plain β mode (Burgess: 25)
     capacity_start: float = 0.0  # target KL in nats at step 0
@@ -42,8 +42,8 @@ class BetaVAE(VAE):
     config_class = BetaVAEConfig
 
     def kl_weight(self) -> float:
-        """Weight on KL in plain β mode (the capacity mode penalises |KL - C| instead)."""
-        return self.config.beta
+        """Weight on KL in plain β mode, ramped up over kl_warmup_steps (capacity mode uses |KL - C|)."""
+        return self.config.beta * linear_warmup(self.training_step, self.config.kl_warmup_steps)
 
     def capacity(self, step: int | None = None) -> float:
         """Target KL C in nats at `step` (default: the current training step)."""
@@ -65,5 +65,5 @@ class BetaVAE(VAE):
             out["loss"] = recon + self.config.gamma * (kl - capacity).abs()
             out["capacity"] = torch.tensor(capacity, device=kl.device)
         else:
-            out["loss"] = recon + self.config.beta * kl
+            out["loss"] = recon + self.kl_weight() * kl
         return out

@@ -158,5 +158,16 @@ def test_config_errors_name_the_field():
         BetaVAEConfig(capacity_max=2.0, capacity_start=3.0)
     with pytest.raises(ConfigError, match=r"BetaVAEConfig\.capacity_steps must be >= 0"):
         BetaVAEConfig(capacity_steps=-5)
-    with pytest.raises(ConfigError, match=r"unknown BetaVAEConfig field\(s\): kl_warmup_steps"):
-        BetaVAEConfig.from_dict({"kl_warmup_steps": 100})
+    with pytest.raises(ConfigError, match=r"unknown BetaVAEConfig field\(s\): warmup"):
+        BetaVAEConfig.from_dict({"warmup": 100})
+    with pytest.raises(ConfigError, match=r"BetaVAEConfig\.kl_warmup_steps must be >= 0"):
+        BetaVAEConfig(kl_warmup_steps=-1)
+
+
+def test_kl_warmup_ramps_the_beta_weight():
+    model = BetaVAE(BetaVAEConfig(beta=4.0, kl_warmup_steps=100, backbone="mlp"), (1, 8, 8))
+    weights = []
+    for step in (0, 50, 100, 500):
+        model.set_training_step(step)
+        weights.append(model.kl_weight())
+    assert weights == [0.0, 2.0, 4.0, 4.0]
