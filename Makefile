@@ -28,7 +28,7 @@ test-fast: venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: venv
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.train_throughput
 
 clean:
 	rm -rf demo .pytest_cache
