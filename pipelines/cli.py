@@ -119,6 +119,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- vaepipe register / pull ---------------------------------------------------------------------
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from pipelines.registry import RegisterRequest, register_run
+
+    emit(register_run(RegisterRequest(run_id=args.run, name=args.name, tracking_uri=args.tracking_uri,
+                                      metric=args.metric, force=args.force)))
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from pipelines.registry import pull
+
+    model, info = pull(args.model_uri, args.tracking_uri, args.out)
+    emit({**info, "input_shape": list(model.input_shape), "num_classes": model.num_classes,
+          "generative": model.is_generative})
+    return 0
+
+
 # -- vaepipe demo ---------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -179,6 +198,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", help="continue run RUN (its name under --storage) "
                                                         "from its latest checkpoint")
     train.set_defaults(func=cmd_train)
+
+    register = sub.add_parser(
+        "register", help="register a training run's model in the MLflow Model Registry",
+        description="Add the run's final model (safetensors + config, signature, checksums) as a new version "
+                    "of NAME. The new version becomes 'challenger'; it becomes 'champion' only if it beats "
+                    "the current champion on --metric (or there is none), or with --force. Prints one JSON "
+                    "line: name, version, aliases, decision.",
+    )
+    register.add_argument("--run", required=True, help="MLflow run id of a finished training run")
+    register.add_argument("--name", required=True, help="registered model name")
+    register.add_argument("--tracking-uri", required=True, help="MLflow tracking URI (sqlite:///... or http://...)")
+    register.add_argument("--metric", default="val_elbo", help="run metric the champion gate compares (default val_elbo)")
+    register.add_argument("--force", action="store_true", help="promote to champion regardless of the metric")
+    register.set_defaults(func=cmd_register)
+
+    pull = sub.add_parser(
+        "pull", help="download a registered model version and check it loads",
+        description="Download models:/NAME@ALIAS or models:/NAME/VERSION into --out (weights, config, signature, "
+                    "checksums verified, registry.json) and load it without pickle.",
+    )
+    pull.add_argument("model_uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    pull.add_argument("--out", required=True, help="folder to hold the model (absent, empty, or an earlier pull)")
+    pull.add_argument("--tracking-uri", required=True, help="MLflow tracking URI")
+    pull.set_defaults(func=cmd_pull)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on embedded defaults into one folder",
                           description="Run every pipeline stage on the built-in shapes data, locally "

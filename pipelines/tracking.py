@@ -30,8 +30,7 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[st
               tags: dict[str, str], parent_run_id: str | None = None) -> str:
     """Create a run (nested under `parent_run_id` when given) with params and tags; returns its id."""
     client = connect(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = ensure_experiment(client, tracking_uri, experiment)
     all_tags = {"mlflow.runName": run_name, **tags}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -42,6 +41,18 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[st
     for i in range(0, len(flat), 100):
         client.log_batch(run.info.run_id, params=flat[i:i + 100])
     return run.info.run_id
+
+
+def ensure_experiment(client, tracking_uri: str, experiment: str) -> str:
+    """The experiment's id, created if needed. With a SQLite store, artifacts go to an `artifacts/`
+    folder beside the database (MLflow's default is ./mlruns under whatever the current folder is)."""
+    found = client.get_experiment_by_name(experiment)
+    if found:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+    return client.create_experiment(experiment, artifact_location=location)
 
 
 def end_run(tracking_uri: str, run_id: str, status: str) -> None:
