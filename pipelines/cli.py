@@ -138,6 +138,67 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- vaepipe submit -------------------------------------------------------------------------------
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines.submit import submit
+
+    result = submit(args.job, args.address, args.config, args.assignments, args.working_dir, wait=not args.no_wait)
+    emit(result)
+    return 0 if result["status"] in ("SUCCEEDED", "SUBMITTED") else 1
+
+
+# -- vaepipe tune ---------------------------------------------------------------------------------
+
+# flag -> dotted key in the search config (train's flags go to base.*, see tune_config_from_args)
+TUNE_FLAGS = {"num_samples": "search.num_samples", "max_concurrent": "search.max_concurrent",
+              "metric": "search.metric", "mode": "search.mode", "name": "name"}
+GRID_FLAGS = {"beta": ("search.beta", float), "latent_dim": ("search.latent_dim", int)}
+
+
+def tune_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The --config file holds a whole search (base, search, scheduler); train's flags override
+    base.*, --beta/--latent-dim comma lists replace those axes, --set takes full dotted keys."""
+    from pipelines.config import ConfigError, apply_overrides, load_config_file, set_dotted
+
+    data = load_config_file(args.config) if args.config else {}
+    for flag, key in TRAIN_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None and flag not in GRID_FLAGS and flag not in TUNE_FLAGS:
+            set_dotted(data, f"base.{key}", value)
+    for flag, (key, kind) in GRID_FLAGS.items():
+        raw = getattr(args, flag, None)
+        if raw is not None:
+            try:
+                set_dotted(data, key, [kind(v) for v in raw.split(",") if v.strip()])
+            except ValueError:
+                raise ConfigError(f"--{flag.replace('_', '-')} expects a comma list of {kind.__name__}s, "
+                                  f"got {raw!r}") from None
+    for flag, key in TUNE_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            set_dotted(data, key, value)
+    return apply_overrides(data, args.assignments)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipelines.tracking import connect
+    from pipelines.tune import run_search
+    from pipelines.tune_config import TuneConfig
+
+    config = TuneConfig.from_dict(tune_config_from_args(args))
+    result = run_search(config)
+    registered = None
+    if args.register_as:
+        from pipelines.registry import RegisterRequest, register_run
+
+        connect(result["tracking_uri"]).set_tag(result["parent_run_id"], "vaepipe.register_as", args.register_as)
+        registered = register_run(RegisterRequest(run_id=result["best"]["run_id"], name=args.register_as,
+                                                  tracking_uri=result["tracking_uri"], metric=config.search.metric))
+    emit({**result, "register_as": args.register_as, "registered": registered})
+    return 0
+
+
 # -- vaepipe demo ---------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -222,6 +283,38 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--out", required=True, help="folder to hold the model (absent, empty, or an earlier pull)")
     pull.add_argument("--tracking-uri", required=True, help="MLflow tracking URI")
     pull.set_defaults(func=cmd_pull)
+
+    submit = sub.add_parser(
+        "submit", help="run a job (train, tune, generate) on a Ray cluster via the Jobs API",
+        description="Submit jobs/JOB.py to the cluster at --address with the config inline and this folder as "
+                    "working_dir; stream its logs; exit 0 if it SUCCEEDED, 1 otherwise.",
+    )
+    submit.add_argument("job", choices=["train", "tune", "generate"], help="which entry point in jobs/")
+    submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    submit.add_argument("--config", required=True, help="the job's YAML config")
+    submit.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                        help="override config keys (repeatable)")
+    submit.add_argument("--working-dir", default=".", help="project folder uploaded as the job's working_dir")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return without waiting")
+    submit.set_defaults(func=cmd_submit)
+
+    tune = sub.add_parser(
+        "tune", help="grid-search β and latent size (and more) with Ray Tune + ASHA, tracked in MLflow",
+        description="Run one single-process training trial per grid point (base config + --beta / "
+                    "--latent-dim comma lists + search.extra axes) under Ray Tune; ASHA stops weak trials "
+                    "after their early epochs. MLflow: a parent run (results table, β × latent heatmap, best "
+                    "params) with a child run per trial. --set takes keys of the search config "
+                    "(base.optim.lr=3e-4, scheduler.grace_period=2). Prints one JSON line: parent_run_id, "
+                    "best (config, metrics, checkpoint, run_id), trials, results_table.",
+    )
+    add_override_flags(tune, grid=True)
+    tune.add_argument("--num-samples", type=int, help="repeats of the whole grid, each with its own seed (default 1)")
+    tune.add_argument("--max-concurrent", type=int, help="trials running at once (default 2)")
+    tune.add_argument("--metric", help="objective the loop reports each epoch (default val_elbo)")
+    tune.add_argument("--mode", choices=("max", "min"), help="whether a larger --metric is better (default max)")
+    tune.add_argument("--register-as", metavar="NAME",
+                      help="register the best trial's model under NAME (champion gate on --metric)")
+    tune.set_defaults(func=cmd_tune)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on embedded defaults into one folder",
                           description="Run every pipeline stage on the built-in shapes data, locally "

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,16 @@ def ensure_ray(address: str | None = None) -> None:
                  include_dashboard=False, configure_logging=False)
 
 
+def absolute_paths(config: TrainConfig) -> TrainConfig:
+    """Ray Train workers run in folders of their own: give them absolute data, storage and tracking paths."""
+    data = config.data if "://" in config.data else str(Path(config.data).resolve())
+    return replace(config, data=data, storage=storage_root(config),
+                   tracking=replace(config.tracking, tracking_uri=config.tracking_uri()))
+
+
 def run_training(config: TrainConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Train per `config`; returns the MLflow run id, the checkpoint location and final metrics."""
+    config = absolute_paths(config)
     manifest = read_manifest(config.data)
     validate_model_params(config, manifest.image_shape, manifest.num_classes or None)
     if config.train.batch_size > manifest.num_samples("train") // config.scaling.workers:
@@ -67,8 +76,8 @@ def _fit(config: TrainConfig, run_name: str, run_id: str) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    root = storage_root(config)
-    tracking_uri = config.tracking_uri()
+    config = absolute_paths(config)
+    root, tracking_uri = config.storage, config.tracking_uri()
     ensure_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -22,7 +22,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 
