@@ -30,11 +30,13 @@ from vaemodels.common import (
 
 @dataclass(frozen=True)
 class CVAEConfig(ModelConfig):
-    kl_warmup_steps: int = 0  # steps over which the KL weight rises linearly from 0 to 1 (0 = off)
+    kl_warmup_steps: int = 0  # steps over which the KL weight rises linearly from 0 to beta (0 = off)
+    beta: float = 1.0  # KL weight in the training loss (β-weighted conditional VAE; 1 = Sohn et al.)
 
     def _check(self) -> None:
         super()._check()
         _require(self.kl_warmup_steps >= 0, self, "kl_warmup_steps", "must be >= 0")
+        _require(self.beta >= 0, self, "beta", "must be >= 0")
 
 
 class CVAE(VariationalModel):
@@ -52,7 +54,7 @@ class CVAE(VariationalModel):
 
     def kl_weight(self) -> float:
         """Weight on the KL term in the training loss (the ELBO itself always uses 1)."""
-        return linear_warmup(self.training_step, self.config.kl_warmup_steps)
+        return self.config.beta * linear_warmup(self.training_step, self.config.kl_warmup_steps)
 
     # -- the networks, on already-checked labels ----------------------------------------------
     def _posterior(self, x: torch.Tensor, labels: torch.Tensor):

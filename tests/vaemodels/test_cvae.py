@@ -198,3 +198,17 @@ def test_config_errors_name_the_field():
         CVAEConfig(likelihood="poisson")
     with pytest.raises(ConfigError, match=r"unknown CVAEConfig field\(s\): num_classes"):
         CVAEConfig.from_dict({"num_classes": 10})
+
+
+def test_beta_weights_the_kl_in_the_training_loss_only():
+    torch.manual_seed(0)
+    plain = CVAE(CVAEConfig(backbone="mlp", beta=1.0), (1, 8, 8), num_classes=10)
+    heavy = CVAE(CVAEConfig(backbone="mlp", beta=4.0), (1, 8, 8), num_classes=10)
+    heavy.load_state_dict(plain.state_dict())
+    batch = {"image": torch.rand(6, 1, 8, 8), "label": torch.arange(6)}
+    torch.manual_seed(1)
+    a = plain.loss(batch)
+    torch.manual_seed(1)
+    b = heavy.loss(batch)
+    assert torch.allclose(b["loss"], a["recon"] + 4.0 * a["kl"])
+    assert torch.allclose(a["elbo"], b["elbo"])  # the ELBO itself always weighs KL by 1
