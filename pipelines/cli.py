@@ -199,6 +199,77 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- vaepipe generate -----------------------------------------------------------------------------
+
+# flag -> GenerateConfig key; applied over the --config file, before --set
+GENERATE_FLAGS = {"out": "out", "num_samples": "num_samples", "per_class": "per_class", "seed": "seed",
+                  "temperature": "temperature", "batch_size": "batch_size", "workers": "workers",
+                  "gpu": "use_gpu", "overwrite": "overwrite"}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pipelines.config import apply_overrides, load_config_file
+    from pipelines.generate import GenerateConfig, run_generation
+
+    data = load_config_file(args.config) if args.config else {}
+    for flag, key in GENERATE_FLAGS.items():
+        if getattr(args, flag) is not None:
+            data[key] = getattr(args, flag)
+    # a count flag replaces the file's choice of count, so the two never clash
+    if args.num_samples is not None:
+        data.pop("per_class", None)
+    if args.per_class is not None:
+        data.pop("num_samples", None)
+    data = apply_overrides(data, args.assignments)
+    with tempfile.TemporaryDirectory(prefix="vaepipe-model-") as tmp:
+        if args.model is not None and args.model.startswith("models:/"):
+            from pipelines.registry import pull
+
+            if not args.tracking_uri:
+                raise ValueError("--model models:/... needs --tracking-uri")
+            _, info = pull(args.model, args.tracking_uri, f"{tmp}/model")
+            data.update(model_dir=info["path"], model_uri=args.model, model_name=info["name"],
+                        model_version=str(info["version"]))
+        elif args.model is not None:
+            data.update(model_dir=args.model, model_uri=data.get("model_uri") or args.model)
+        emit(run_generation(GenerateConfig.from_dict(data)))
+    return 0
+
+
+# -- vaepipe evaluate -----------------------------------------------------------------------------
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from pipelines.evaluate import EvaluateConfig, run_evaluation
+
+    with tempfile.TemporaryDirectory(prefix="vaepipe-evaluate-") as tmp:
+        model_dir, registry = args.model, None
+        if args.model.startswith("models:/"):
+            from pipelines.registry import pull
+
+            if not args.tracking_uri:
+                raise ValueError(f"--tracking-uri is required to pull {args.model}")
+            # pulled outside --out, so the weights are not logged again with the report
+            _, pulled = pull(args.model, args.tracking_uri, Path(tmp) / "model")
+            model_dir = pulled["path"]
+            registry = {k: v for k, v in pulled.items() if k != "path"}  # the folder is gone after this command
+        config = EvaluateConfig(
+            model=model_dir, data=args.data, out=args.out, synthetic=args.synthetic, iwae_k=args.iwae_k,
+            iwae_subset=args.iwae_subset, seeds=args.seeds, max_real=args.max_real,
+            num_synthetic=args.num_synthetic, held_out_class=args.held_out_class, seed=args.seed,
+            tracking_uri=args.tracking_uri if args.run_id else None, run_id=args.run_id,
+        )
+        result = run_evaluation(config)
+    emit({**result["metrics"], "model": args.model, "registry": registry, "out": result["out"],
+          "metrics_path": result["metrics_path"], "report": result["report"], "notes": result["notes"],
+          "non_finite": result["non_finite"], "seconds": result["seconds"]})
+    return 0
+
+
 # -- vaepipe demo ---------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -315,6 +386,63 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--register-as", metavar="NAME",
                       help="register the best trial's model under NAME (champion gate on --metric)")
     tune.set_defaults(func=cmd_tune)
+
+    generate = sub.add_parser(
+        "generate", help="sample a model into Parquet + PNG augmentation data with Ray Data",
+        description="Draw seeded samples from a saved or registered model on a Ray Data actor pool and write "
+                    "OUT/parquet/label=K/*.parquet (PNG bytes, latent, provenance), OUT/images/CLASS/ID.png, "
+                    "OUT/manifest.json (sha256 per file) and OUT/_SUCCESS. The same request gives the same "
+                    "bytes; rerunning a finished request does nothing; an interrupted one resumes. Prints "
+                    "one JSON line: out, total, per_class, parquet, images, manifest, skipped, blocks_written.",
+    )
+    generate.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a saved model folder")
+    generate.add_argument("--tracking-uri", help="MLflow tracking URI (needed for models:/ URIs)")
+    generate.add_argument("--out", help="output folder; {date} becomes today's date (YYYY-MM-DD)")
+    count = generate.add_mutually_exclusive_group()
+    count.add_argument("--num-samples", type=int, help="total samples (conditional models: uniform labels)")
+    count.add_argument("--per-class", type=int, help="samples per class (conditional models)")
+    generate.add_argument("--seed", type=int, help="seed for labels and noise (default 0)")
+    generate.add_argument("--temperature", type=float, help="prior noise scale (default 1.0)")
+    generate.add_argument("--batch-size", type=int, help="samples decoded at once (default 256)")
+    generate.add_argument("--workers", type=int, help="Ray Data actors (default 2)")
+    generate.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="one GPU per actor")
+    generate.add_argument("--overwrite", action="store_true", default=None,
+                          help="replace another request's data in --out")
+    generate.add_argument("--config", help="YAML config (configs/generate.yaml); flags and --set override it")
+    generate.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                          help="override any config key, e.g. --set block_size=500 (repeatable)")
+    generate.set_defaults(func=cmd_generate)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="score a model and its synthetic data: likelihood, FID/PRDC, TSTR, augmentation, anomaly",
+        description="Evaluate a saved model (folder, or models:/NAME@ALIAS pulled with --tracking-uri) against "
+                    "the real dataset it was trained on: IWAE/ELBO/KL, active units, FID and precision/recall/"
+                    "density/coverage in a reference classifier's features, TSTR vs TRTR, augmentation gain, "
+                    "held-out-class anomaly AUROC, MIG where factors are known. Writes OUT/metrics.json, "
+                    "OUT/report.html and PNG figures; with --run-id logs both to that MLflow run. Prints one "
+                    "JSON line: the metrics plus paths.",
+    )
+    evaluate.add_argument("--model", required=True,
+                          help="saved model folder, or models:/NAME@ALIAS | models:/NAME/VERSION")
+    evaluate.add_argument("--tracking-uri", help="MLflow tracking URI (needed for models:/ URIs and --run-id)")
+    evaluate.add_argument("--data", required=True, help="dataset manifest.json or its folder (the real data)")
+    evaluate.add_argument("--out", required=True, help="folder for metrics.json, report.html and figures")
+    evaluate.add_argument("--synthetic",
+                          help="a `vaepipe generate` output folder to judge (default: sample the model)")
+    evaluate.add_argument("--iwae-k", type=int, default=1000, help="importance samples per image (default 1000)")
+    evaluate.add_argument("--iwae-subset", type=int, default=256,
+                          help="val images for the IWAE estimate (default 256)")
+    evaluate.add_argument("--seeds", type=int, default=3, help="seeds the augmentation gain averages over (default 3)")
+    evaluate.add_argument("--max-real", type=int, default=5000, help="at most N real images per split (default 5000)")
+    evaluate.add_argument("--num-synthetic", type=int, default=2000,
+                          help="synthetic samples drawn or read (default 2000; split over classes when conditional)")
+    evaluate.add_argument("--held-out-class", type=int,
+                          help="a class the model never saw in training: it is scored directly as the anomaly "
+                               "(default: train a copy of the family without the highest class)")
+    evaluate.add_argument("--seed", type=int, default=0,
+                          help="seed for sampling, classifiers and subsets (default 0)")
+    evaluate.add_argument("--run-id", help="MLflow run to log the metrics and OUT/ (under evaluation/) into")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on embedded defaults into one folder",
                           description="Run every pipeline stage on the built-in shapes data, locally "

@@ -1,0 +1,30 @@
+"""Generation job: `python -m jobs.generate --config FILE` locally, or `vaepipe submit generate
+--address http://HEAD:8265 --config FILE` on a cluster (the scheduled daily run uses an `out`
+with `{date}`). The config is configs/generate.yaml's shape; `model_uri: models:/NAME@ALIAS`
+with `tracking_uri` pulls the registered model first (a `model_dir` is used as given)."""
+import sys
+import tempfile
+
+from jobs._entry import run_job
+from pipelines.generate import GenerateConfig, run_generation
+from pipelines.registry import pull
+
+
+def pull_and_generate(data: dict) -> dict:
+    tracking_uri = data.pop("tracking_uri", None)
+    uri = data.get("model_uri", "")
+    with tempfile.TemporaryDirectory(prefix="vaepipe-model-") as tmp:
+        if uri.startswith("models:/") and not data.get("model_dir"):
+            if not tracking_uri:
+                raise ValueError("model_uri models:/... needs tracking_uri in the generate config")
+            _, info = pull(uri, tracking_uri, f"{tmp}/model")
+            data.update(model_dir=info["path"], model_name=info["name"], model_version=str(info["version"]))
+        return run_generation(GenerateConfig.from_dict(data))
+
+
+def main(argv=None) -> int:
+    return run_job("jobs.generate", argv, pull_and_generate)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
