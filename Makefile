@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench clean image stack-up stack-down
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,17 @@ test-fast: venv
 
 bench: venv
 	$(PY) -m benchmarks.train_throughput
+
+# the deployment image, named by the `# Image:` line of infra/docker/Dockerfile
+image:
+	docker build -f infra/docker/Dockerfile -t $$(sed -n 's/^# Image: //p' infra/docker/Dockerfile) .
+
+# a Ray head, a second Ray node and an MLflow server on this machine (infra/local/)
+stack-up: venv
+	infra/local/start-stack.sh
+
+stack-down:
+	infra/local/stop-stack.sh
 
 clean:
 	rm -rf demo .pytest_cache

@@ -113,8 +113,17 @@ class BlockActor:
     """One per actor in the pool: builds the job's block function once (loading its model), then
     runs blocks; each block's marker is written after all its files, so a marker means complete."""
 
-    def __init__(self, out: str, block_fn: type, block_fn_kwargs: dict[str, Any]):
+    def __init__(self, out: str, block_fn: type, block_fn_kwargs: dict[str, Any],
+                 model_files: dict[str, bytes] | None = None):
         self.out = Path(out)
+        if model_files is not None:
+            # the model came through Ray's object store: this node need not see the driver's disk
+            import tempfile
+
+            local = Path(tempfile.mkdtemp(prefix="vaepipe-actor-model-"))
+            for name, data in model_files.items():
+                (local / name).write_bytes(data)
+            block_fn_kwargs = {**block_fn_kwargs, "model_dir": str(local)}
         self.fn = block_fn(**block_fn_kwargs)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -260,9 +269,13 @@ def _run_blocks(job: BatchJob, todo: list[dict[str, Any]]) -> None:
     # one Ray block per job block, so the pool can hand blocks to idle actors one by one
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     resources = {"num_gpus": 1} if job.use_gpu else {"num_cpus": 1}
+    model_dir = job.block_fn_kwargs.get("model_dir")
+    model_files = ({p.name: p.read_bytes() for p in Path(model_dir).iterdir() if p.is_file()}
+                   if model_dir else None)  # a few MB: shipped to every actor, whatever node it is on
     ds = ds.map_batches(
         BlockActor,
-        fn_constructor_kwargs={"out": str(job.out), "block_fn": job.block_fn, "block_fn_kwargs": job.block_fn_kwargs},
+        fn_constructor_kwargs={"out": str(job.out), "block_fn": job.block_fn, "block_fn_kwargs": job.block_fn_kwargs,
+                               "model_files": model_files},
         compute=ray.data.ActorPoolStrategy(size=min(job.workers, len(todo))),
         batch_size=1,
         **resources,

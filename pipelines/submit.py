@@ -13,7 +13,7 @@ from typing import Any
 from pipelines.config import apply_overrides, load_config_file
 
 JOBS = ("train", "tune", "generate")
-EXCLUDES = [".venv", ".git", "demo", "runs", "mlruns", "*.db", "tests", "benchmarks", "__pycache__", "*.egg-info"]
+EXCLUDES = [".venv", ".git", "demo", "runs", "mlruns", "*.db", "tests", "benchmarks", "infra", "__pycache__", "*.egg-info"]
 
 
 def submit(job: str, address: str, config_file: str, assignments: list[str] | None = None,

@@ -3,6 +3,7 @@ edge. Sections mirror the YAML file; see configs/train-shapes.yaml for a complet
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -85,6 +86,8 @@ class TrainConfig:
     def tracking_uri(self) -> str:
         if self.tracking.tracking_uri:
             return self.tracking.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):  # e.g. the cluster's server (infra/kuberay: vaepipe-env)
+            return os.environ["MLFLOW_TRACKING_URI"]
         if "://" in self.storage:
             raise ConfigError("tracking.tracking_uri is required when storage is a URI")
         from pathlib import Path

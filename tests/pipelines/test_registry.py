@@ -2,6 +2,8 @@
 worse model stays challenger) -> pull and sample; and each clear error (unknown name/alias,
 unreachable server, missing or tampered artifacts)."""
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +38,7 @@ def mlflow_server(tmp_path_factory):
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while True:
@@ -48,7 +50,7 @@ def mlflow_server(tmp_path_factory):
             assert time.time() < deadline, "mlflow server did not come up in 90 s"
             time.sleep(0.5)
     yield {"uri": uri, "artifacts": root / "artifacts"}
-    proc.terminate()
+    os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker processes
     proc.wait(timeout=30)
 
 
