@@ -29,6 +29,7 @@ test-fast: venv
 
 bench: venv
 	$(PY) -m benchmarks.train_throughput
+	$(PY) -m benchmarks.generate_throughput
 
 # the deployment image, named by the `# Image:` line of infra/docker/Dockerfile
 image:

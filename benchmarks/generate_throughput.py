@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import vaemodels
+from benchmarks.report import update_section
 from pipelines.batch_job import BlockWriter
 from pipelines.generate import GenerateBlock, GenerateConfig, plan_blocks, run_generation
 
@@ -120,16 +121,7 @@ def main() -> None:
         f"Job end to end / decode alone: {job / decode_1:.2f} (1 thread), {job / decode_all:.2f} ({cores} threads).\n"
         "Targets: job >= 1.5x the single process, >= 0.6x decode alone.\n"
     )
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else "# Benchmarks\n\nRatios measured side by side in one run.\n\n"
-    marker = "## Generation throughput"
-    if marker in text:
-        start = text.index(marker)
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    out.write_text(text)
+    update_section(args.out, section)
     print(json.dumps(result))
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import vaemodels
+from benchmarks.report import update_section
 from pipelines.data import BuildConfig, ShardStream, build_dataset
 from pipelines.train import run_training
 from pipelines.train_config import TrainConfig
@@ -87,16 +88,7 @@ def main() -> None:
         f"| shards -> Ray Train, 2 workers (DDP) | {two:.0f} | {two / plain:.2f} |\n\n"
         "Target: the full path at >= 0.85x the plain loop.\n"
     )
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else "# Benchmarks\n\nRatios measured side by side in one run.\n\n"
-    marker = "## Training throughput"
-    if marker in text:
-        start = text.index(marker)
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    out.write_text(text)
+    update_section(args.out, section)
     print(json.dumps(result))
 
 

@@ -4,7 +4,6 @@ unreachable server, missing or tampered artifacts)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import free_port
 from pipelines.cli import main
 from pipelines.registry import RegisterRequest, RegistryError, pull, register_run
 from pipelines.sessions import LocalSession
@@ -21,12 +21,6 @@ from pipelines.tracking import start_run
 from pipelines.train_loop import run_loop
 
 pytestmark = [pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
