@@ -270,6 +270,63 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- vaepipe embed / score / denoise / interpolate ------------------------------------------------
+
+# flag -> config key, shared by the jobs that read a dataset (pipelines/dataset_jobs.py)
+DATASET_JOB_FLAGS = {"data": "data", "split": "split", "out": "out", "batch_size": "batch_size",
+                     "workers": "workers", "gpu": "use_gpu", "overwrite": "overwrite"}
+
+
+def run_dataset_job(args: argparse.Namespace, config_class: type, run: Callable[[Any], dict[str, Any]],
+                    flags: dict[str, str]) -> int:
+    """Flags -> the job's config -> run it. A models:/ --model is pulled (checksums verified) into a
+    temporary folder first; a folder is used as it is."""
+    import tempfile
+
+    data = {key: getattr(args, flag) for flag, key in {**DATASET_JOB_FLAGS, **flags}.items()
+            if getattr(args, flag, None) is not None}
+    with tempfile.TemporaryDirectory(prefix="vaepipe-model-") as tmp:
+        if args.model.startswith("models:/"):
+            from pipelines.registry import pull
+
+            if not args.tracking_uri:
+                raise ValueError(f"--model {args.model} needs --tracking-uri")
+            _, info = pull(args.model, args.tracking_uri, f"{tmp}/model")
+            data.update(model_dir=info["path"], model_uri=args.model, model_name=info["name"],
+                        model_version=str(info["version"]))
+        else:
+            data.update(model_dir=args.model)
+        emit(run(config_class.from_dict(data)))
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from pipelines.embed import EmbedConfig, run_embedding
+
+    return run_dataset_job(args, EmbedConfig, run_embedding, {})
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from pipelines.score import ScoreConfig, run_scoring
+
+    return run_dataset_job(args, ScoreConfig, run_scoring,
+                           {"target_fpr": "target_fpr", "reference": "reference", "seed": "seed"})
+
+
+def cmd_denoise(args: argparse.Namespace) -> int:
+    from pipelines.denoise import DenoiseConfig, run_denoising
+
+    return run_dataset_job(args, DenoiseConfig, run_denoising,
+                           {"noise": "noise", "noise_level": "noise_level", "seed": "seed"})
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    from pipelines.interpolate import InterpolateConfig, run_interpolation
+
+    return run_dataset_job(args, InterpolateConfig, run_interpolation,
+                           {"pairs": "pairs", "steps": "steps", "traverse": "traverse", "seed": "seed"})
+
+
 # -- vaepipe demo ---------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -443,6 +500,77 @@ def build_parser() -> argparse.ArgumentParser:
                           help="seed for sampling, classifiers and subsets (default 0)")
     evaluate.add_argument("--run-id", help="MLflow run to log the metrics and OUT/ (under evaluation/) into")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    def dataset_job(name: str, help: str, description: str, split: str | None = None,
+                    workers: bool = True) -> argparse.ArgumentParser:
+        job = sub.add_parser(name, help=help, description=description)
+        job.add_argument("--model", required=True,
+                         help="models:/NAME@ALIAS, models:/NAME/VERSION, or a saved model folder")
+        job.add_argument("--tracking-uri", help="MLflow tracking URI (needed for models:/ URIs)")
+        job.add_argument("--data", required=True, help="dataset manifest.json or its folder")
+        job.add_argument("--split", required=split is None, default=split,
+                         help="train or val" + (f" (default {split})" if split else ""))
+        job.add_argument("--out", required=True, help="output folder")
+        if workers:
+            job.add_argument("--batch-size", type=int, help="images through the model at once (default 256)")
+            job.add_argument("--workers", type=int, help="Ray Data actors (default 2)")
+        job.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="one GPU per actor")
+        job.add_argument("--overwrite", action="store_true", default=None,
+                         help="replace another request's data in --out")
+        return job
+
+    same = ("One block per input shard on a Ray Data actor pool; OUT/manifest.json (request, counts, sha256 "
+            "per file) and OUT/_SUCCESS. The same request gives the same bytes; rerunning a finished "
+            "request does nothing; an interrupted one resumes.")
+    embed = dataset_job(
+        "embed", help="encode every image of a split to its latent code (Parquet) with Ray Data",
+        description="Write OUT/parquet/shard-NNNNNN.parquet: one row per image of the split (index, label, "
+                    f"latent, model_uri), latent = the model's deterministic code (posterior mean). {same} "
+                    "Prints one JSON line: out, total, counts, parquet, latent_dim, manifest, skipped.")
+    embed.set_defaults(func=cmd_embed)
+
+    score = dataset_job(
+        "score", help="anomaly-score every image of a split and flag the outliers (Parquet) with Ray Data",
+        description="Write OUT/parquet/shard-NNNNNN.parquet: index, label, score (the model's anomaly_score: "
+                    "-ELBO for variational models, reconstruction error otherwise) and flagged = score > "
+                    "threshold, where the threshold is the (1 - target FPR) quantile of the scores of the "
+                    f"--reference dataset's val split (recorded in the manifest). {same} Prints one JSON "
+                    "line: out, total, counts (flagged/normal), threshold, flagged_fraction, parquet.")
+    score.add_argument("--target-fpr", type=float, help="share of normal val samples flagged (default 0.05)")
+    score.add_argument("--reference", help="dataset whose val split sets the threshold: normal data, usually the "
+                                           "model's training set (default --data)")
+    score.add_argument("--seed", type=int, help="seed of the sampled ELBO noise (default 0)")
+    score.set_defaults(func=cmd_score)
+
+    denoise = dataset_job(
+        "denoise", help="corrupt (seeded) and denoise every image of a split with Ray Data",
+        description="Corrupt each image with seeded --noise (or take it as it is with --noise none), pass it "
+                    "through the model's reconstruct (a dae is made for this; any model works) and write "
+                    "OUT/parquet/shard-NNNNNN.parquet (index, label, noisy and denoised PNG bytes) and "
+                    f"OUT/images/LABEL/INDEX.png (denoised). {same} Prints one JSON line: out, total, counts, "
+                    "parquet, images.")
+    denoise.add_argument("--noise", choices=("gaussian", "masking", "salt_and_pepper", "none"),
+                         help="corruption (default masking); none: the data is noisy already")
+    denoise.add_argument("--noise-level", type=float,
+                         help="gaussian std or share of pixels hit (default: the dae's, 0.3 / 0.25)")
+    denoise.add_argument("--seed", type=int, help="seed of the noise (default 0)")
+    denoise.set_defaults(func=cmd_denoise)
+
+    interpolate = dataset_job(
+        "interpolate", help="grids of decoded lines between real samples' codes (and latent traversals)",
+        description="For seeded pairs of samples of the split, decode the straight line between their codes "
+                    "(conditional models: in the first sample's class) into OUT/grids/interp-NNN.png, one "
+                    "row per pair; with --traverse also OUT/grids/traverse.png (one row per latent dimension, "
+                    "-3..3, generative models); OUT/grids/pairs.json names the samples. One block on the same "
+                    "Ray Data skeleton: OUT/manifest.json lists every file with its sha256, OUT/_SUCCESS, and a "
+                    "finished request reruns as a no-op. Prints one JSON line: out, total, counts, grids.",
+        split="val", workers=False)
+    interpolate.add_argument("--pairs", type=int, help="pairs of samples, one grid each (default 8)")
+    interpolate.add_argument("--steps", type=int, help="images per line and per traversal (default 10)")
+    interpolate.add_argument("--traverse", action="store_true", default=None,
+                             help="also traverse every latent dimension of the first sample")
+    interpolate.add_argument("--seed", type=int, help="seed that picks the pairs (default 0)")
+    interpolate.set_defaults(func=cmd_interpolate)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on embedded defaults into one folder",
                           description="Run every pipeline stage on the built-in shapes data, locally "
