@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -69,7 +70,51 @@ def env_file(tmp_path):
         run_script("stop-stack.sh", path, timeout=120)
 
 
-def test_stack_starts_two_ray_nodes_and_mlflow_then_stops_without_leftovers(env_file):
+def vaepipe(values: dict[str, str], *args: str, timeout: float = 600) -> dict:
+    """Run a vaepipe command against the stack; returns its JSON result line."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(OMP_NUM_THREADS="1", RAY_AUTH_MODE=values.get("RAY_AUTH_MODE", "disabled"))
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def train_register_generate_chain(values: dict[str, str], data: Path, work: Path) -> None:
+    """A tiny train job -> register on the stack's MLflow server -> generation job from the registry."""
+    import mlflow
+    import pyarrow.dataset as pads
+    import yaml
+
+    mlflow_uri, dashboard = values["MLFLOW_TRACKING_URI"], values["RAY_DASHBOARD_ADDRESS"]
+    train = work / "train.yaml"
+    train.write_text(yaml.safe_dump({
+        "data": str(data), "name": "stack-chain", "storage": str(work / "runs"),
+        "model": {"name": "vae", "params": {"backbone": "mlp", "latent_dim": 4}},
+        "train": {"epochs": 1, "batch_size": 32, "max_steps_per_epoch": 5},
+        "scaling": {"workers": 2},  # one worker per node of the stack
+        "tracking": {"tracking_uri": mlflow_uri, "experiment": "stack-chain"},
+    }))
+    trained = vaepipe(values, "submit", "train", "--address", dashboard, "--config", str(train))
+    assert trained["status"] == "SUCCEEDED" and trained["result"]["metrics"]["step"] == 5
+    registered = vaepipe(values, "register", "--run", trained["result"]["run_id"], "--name", "stack-vae",
+                         "--tracking-uri", mlflow_uri)
+    assert registered["version"] == 1 and registered["aliases"] == ["champion"]
+    generate = work / "generate.yaml"
+    generate.write_text(yaml.safe_dump({
+        "model_uri": "models:/stack-vae@champion", "tracking_uri": mlflow_uri, "out": str(work / "synthetic" / "{date}"),
+        "num_samples": 300, "block_size": 100, "workers": 2,
+    }))
+    generated = vaepipe(values, "submit", "generate", "--address", dashboard, "--config", str(generate))
+    assert generated["status"] == "SUCCEEDED" and generated["result"]["total"] == 300
+    out = Path(generated["result"]["out"])
+    assert (out / "_SUCCESS").is_file() and out.parent == work / "synthetic"
+    assert pads.dataset(out / "parquet", format="parquet", partitioning="hive").count_rows() == 300
+    version = mlflow.MlflowClient(mlflow_uri).get_model_version_by_alias("stack-vae", "champion")
+    assert version.run_id == trained["result"]["run_id"]
+
+
+def test_stack_starts_two_ray_nodes_and_mlflow_then_stops_without_leftovers(env_file, digits_dataset, tmp_path):
     started = run_script("start-stack.sh", env_file, timeout=240)
     assert started.returncode == 0, started.stderr[-3000:]
     values = read_env_file(env_file)
@@ -90,14 +135,22 @@ def test_stack_starts_two_ray_nodes_and_mlflow_then_stops_without_leftovers(env_
     assert status == 200 and len(alive) == 2 and len({node["node_id"] for node in alive}) == 2
     assert sum(node["is_head_node"] for node in alive) == 1
     # ... and through the GCS address the env file gives (what ray.init(address=...) uses)
-    ray_status = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "--address", values["RAY_ADDRESS"]],
-                                env={**os.environ, "RAY_AUTH_MODE": values["RAY_AUTH_MODE"]},
-                                capture_output=True, text=True, timeout=60)
-    assert ray_status.returncode == 0, ray_status.stderr[-2000:]
-    active = ray_status.stdout.split("Active:")[1].split("Pending:")[0]
+    # the autoscaler's view lags the GCS by a few seconds: poll it with a deadline
+    deadline = time.time() + 60
+    while True:
+        ray_status = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "--address",
+                                     values["RAY_ADDRESS"]],
+                                    env={**os.environ, "RAY_AUTH_MODE": values["RAY_AUTH_MODE"]},
+                                    capture_output=True, text=True, timeout=60)
+        assert ray_status.returncode == 0, ray_status.stderr[-2000:]
+        active = ray_status.stdout.split("Active:")[1].split("Pending:")[0]
+        if active.count("node_") == 2 or time.time() > deadline:
+            break
+        time.sleep(1)
     assert active.count("node_") == 2, ray_status.stdout
     assert get(f"{dashboard}/api/version", token)[0] == 200  # the Jobs API `vaepipe submit` talks to
     assert get(f"{values['MLFLOW_TRACKING_URI']}/health") == (200, b"OK")
+    train_register_generate_chain(values, digits_dataset, tmp_path)
     spawned = processes_in_sessions(set(pids.values()))
     assert len(spawned) > 10  # gcs, raylets, dashboard, agents, mlflow's workers: all under our sessions
 

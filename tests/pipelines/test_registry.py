@@ -145,3 +145,26 @@ def test_tampered_or_missing_artifacts_are_refused(mlflow_server, digits_dataset
     weights.unlink()
     with pytest.raises(RegistryError, match="missing: model.safetensors"):
         pull("models:/tampered@champion", uri, tmp_path / "t")
+
+
+def test_pulled_champion_generates_2000_per_class(ray_session, mlflow_server, runs, tmp_path):
+    """The chain users run: register -> pull from the server -> Ray Data generation, exact counts."""
+    import pyarrow.dataset as pads
+    from PIL import Image
+
+    from pipelines.generate import GenerateConfig, run_generation
+
+    uri = mlflow_server["uri"]
+    register_run(RegisterRequest(runs["good"], "chain", uri))
+    model, info = pull("models:/chain@champion", uri, tmp_path / "model")
+    result = run_generation(GenerateConfig(model_dir=info["path"], out=str(tmp_path / "synthetic"), per_class=2000,
+                                           model_uri="models:/chain@champion", model_name="chain",
+                                           model_version=str(info["version"]), block_size=2000, workers=2))
+    assert result["total"] == 20000 and result["per_class"] == {str(k): 2000 for k in range(10)}
+    table = pads.dataset(tmp_path / "synthetic" / "parquet", format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == 20000 and len(set(table.column("id").to_pylist())) == 20000
+    counts = table.group_by("label").aggregate([("id", "count")]).to_pydict()
+    assert sorted(counts["id_count"]) == [2000] * 10
+    assert set(table.column("model_version").to_pylist()) == {str(info["version"])}
+    pngs = list((tmp_path / "synthetic" / "images").glob("*/*.png"))
+    assert len(pngs) == 20000 and Image.open(pngs[0]).size == (8, 8)
