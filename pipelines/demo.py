@@ -31,7 +31,7 @@ class DemoConfig:
     num_samples: int = 12000  # shapes drawn for the demo dataset (train + val)
     seed: int = 0  # one seed for data, training and generation
     epochs: int = 4  # epochs per trial (ASHA may stop a trial after the first)
-    steps_per_epoch: int = 150  # batches per epoch: keeps the demo within minutes on 2 CPU cores
+    steps_per_epoch: int = 120  # batches per epoch: keeps the demo within minutes on 2 CPU cores
     per_class: int = 500  # synthetic samples generated for each shape
 
 
@@ -76,7 +76,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     print("[demo] 5/5 evaluating the champion and its synthetic data", file=sys.stderr)
     evaluation = run_evaluation(EvaluateConfig(
         model=pulled["path"], data=str(shards), out=str(workdir / "report"), synthetic=generated["out"],
-        iwae_k=200, seeds=2, max_real=3000, anomaly_steps=300, seed=config.seed,
+        iwae_k=100, seeds=2, max_real=3000, classifier_steps=300, anomaly_steps=200, seed=config.seed,
         tracking_uri=tracking_uri, run_id=search["best"]["run_id"],
     ))
     return {
