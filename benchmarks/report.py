@@ -10,6 +10,7 @@ def update_section(path: str | Path, section: str) -> None:
     """Replace the section whose '## ' title line starts `section` (or append it)."""
     path = Path(path)
     text = path.read_text() if path.exists() else HEADER
+    section = section.rstrip("\n") + "\n\n"  # a blank line before whatever section follows
     title = section.splitlines()[0]
     if title in text:
         start = text.index(title)
