@@ -81,7 +81,8 @@ def vaepipe(values: dict[str, str], *args: str, timeout: float = 600) -> dict:
 
 
 def train_register_generate_chain(values: dict[str, str], data: Path, work: Path) -> None:
-    """A tiny train job -> register on the stack's MLflow server -> generation job from the registry."""
+    """A tiny train job -> register on the stack's MLflow server -> a 2-trial search job -> a generation
+    job from the registry, all through the Ray Jobs API with the stack's MLflow server."""
     import mlflow
     import pyarrow.dataset as pads
     import yaml
@@ -100,6 +101,20 @@ def train_register_generate_chain(values: dict[str, str], data: Path, work: Path
     registered = vaepipe(values, "register", "--run", trained["result"]["run_id"], "--name", "stack-vae",
                          "--tracking-uri", mlflow_uri)
     assert registered["version"] == 1 and registered["aliases"] == ["champion"]
+    tune = work / "tune.yaml"
+    tune.write_text(yaml.safe_dump({
+        "base": {"data": str(data), "storage": str(work / "tune"),
+                 "model": {"name": "beta_vae", "params": {"backbone": "mlp", "hidden_dim": 32}},
+                 "train": {"epochs": 1, "batch_size": 32, "max_steps_per_epoch": 3},
+                 "tracking": {"tracking_uri": mlflow_uri, "experiment": "stack-chain-search"}},
+        "search": {"beta": [1.0, 4.0], "latent_dim": [4]}, "name": "stack-search",
+    }))
+    searched = vaepipe(values, "submit", "tune", "--address", dashboard, "--config", str(tune))
+    assert searched["status"] == "SUCCEEDED" and len(searched["result"]["trials"]) == 2
+    children = mlflow.MlflowClient(mlflow_uri).search_runs(
+        [mlflow.MlflowClient(mlflow_uri).get_experiment_by_name("stack-chain-search").experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{searched['result']['parent_run_id']}'")
+    assert len(children) == 2
     generate = work / "generate.yaml"
     generate.write_text(yaml.safe_dump({
         "model_uri": "models:/stack-vae@champion", "tracking_uri": mlflow_uri, "out": str(work / "synthetic" / "{date}"),

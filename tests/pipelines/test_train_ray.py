@@ -1,5 +1,6 @@
 """Training under Ray Train on the session's local Ray: 2 DDP workers learn on shapes and log to
 MLflow; a worker killed for real is replaced and the run resumes from its checkpoint."""
+import json
 import os
 import signal
 import threading
@@ -45,14 +46,15 @@ def test_two_workers_learn_and_log_to_mlflow(ray_session, shapes_dataset, tmp_pa
                                                                                  "model/model.safetensors"}
 
 
-def _train_worker_pids():
-    """Ray titles its worker processes after the actor they host: ray::RayTrainWorker..."""
+def _train_worker_pids(started_after: float):
+    """Ray titles its worker processes after the actor they host (ray::RayTrainWorker...); only those
+    started by this test count, not leftovers of other runs or clusters on the machine."""
     import psutil
 
     pids = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter(["cmdline", "create_time"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if cmdline.startswith("ray::RayTrainWorker"):
+        if cmdline.startswith("ray::RayTrainWorker") and proc.info["create_time"] >= started_after:
             pids.append(proc.pid)
     return pids
 
@@ -60,18 +62,23 @@ def _train_worker_pids():
 def test_killed_worker_is_recovered_from_checkpoint(ray_session, shapes_dataset, tmp_path):
     config = shapes_config(shapes_dataset, tmp_path, "killed", epochs=6)
     outcome = {}
+    started = time.time() - 1.0
     thread = threading.Thread(target=lambda: outcome.update(run_training(config)))
     thread.start()
     run_dir = tmp_path / "runs" / "killed"
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 180
-    checkpoints = []
-    while time.time() < deadline and len(checkpoints) < 2:  # let it write a couple of checkpoints
-        checkpoints = sorted(run_dir.glob("checkpoint_*/state.json")) if run_dir.exists() else []
+    registered = []
+    while time.time() < deadline and len(registered) < 2:  # checkpoints the controller has registered
+        try:
+            registered = json.loads(snapshot.read_text())["checkpoint_results"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            registered = []
         time.sleep(0.5)
-    assert checkpoints, "no checkpoint appeared"
-    step_before_kill = max(read_state(p.parent).step for p in checkpoints)
-    pids = _train_worker_pids()
-    assert len(pids) == 2
+    assert registered, "no checkpoint was registered"
+    step_before_kill = max(r["metrics"]["step"] for r in registered)
+    pids = _train_worker_pids(started)
+    assert len(pids) == 2, pids
     os.kill(pids[1], signal.SIGKILL)
     thread.join(timeout=300)
     assert not thread.is_alive() and "checkpoint" in outcome
