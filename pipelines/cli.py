@@ -199,6 +199,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def pull_registered(model: str | None, tracking_uri: str | None, tmp: str) -> dict[str, Any] | None:
+    """A models:/ --model is pulled (checksums verified) into `tmp`; returns registry.pull's info,
+    or None when --model is a folder (or absent) and is used as it is."""
+    if model is None or not model.startswith("models:/"):
+        return None
+    from pipelines.registry import pull
+
+    if not tracking_uri:
+        raise ValueError(f"--model {model} needs --tracking-uri")
+    _, info = pull(model, tracking_uri, f"{tmp}/model")
+    return info
+
+
 # -- vaepipe generate -----------------------------------------------------------------------------
 
 # flag -> GenerateConfig key; applied over the --config file, before --set
@@ -224,12 +237,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         data.pop("num_samples", None)
     data = apply_overrides(data, args.assignments)
     with tempfile.TemporaryDirectory(prefix="vaepipe-model-") as tmp:
-        if args.model is not None and args.model.startswith("models:/"):
-            from pipelines.registry import pull
-
-            if not args.tracking_uri:
-                raise ValueError("--model models:/... needs --tracking-uri")
-            _, info = pull(args.model, args.tracking_uri, f"{tmp}/model")
+        info = pull_registered(args.model, args.tracking_uri, tmp)
+        if info is not None:
             data.update(model_dir=info["path"], model_uri=args.model, model_name=info["name"],
                         model_version=str(info["version"]))
         elif args.model is not None:
@@ -242,19 +251,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import tempfile
-    from pathlib import Path
 
     from pipelines.evaluate import EvaluateConfig, run_evaluation
 
     with tempfile.TemporaryDirectory(prefix="vaepipe-evaluate-") as tmp:
+        # pulled outside --out, so the weights are not logged again with the report
+        pulled = pull_registered(args.model, args.tracking_uri, tmp)
         model_dir, registry = args.model, None
-        if args.model.startswith("models:/"):
-            from pipelines.registry import pull
-
-            if not args.tracking_uri:
-                raise ValueError(f"--tracking-uri is required to pull {args.model}")
-            # pulled outside --out, so the weights are not logged again with the report
-            _, pulled = pull(args.model, args.tracking_uri, Path(tmp) / "model")
+        if pulled is not None:
             model_dir = pulled["path"]
             registry = {k: v for k, v in pulled.items() if k != "path"}  # the folder is gone after this command
         config = EvaluateConfig(
@@ -286,12 +290,8 @@ def run_dataset_job(args: argparse.Namespace, config_class: type, run: Callable[
     data = {key: getattr(args, flag) for flag, key in {**DATASET_JOB_FLAGS, **flags}.items()
             if getattr(args, flag, None) is not None}
     with tempfile.TemporaryDirectory(prefix="vaepipe-model-") as tmp:
-        if args.model.startswith("models:/"):
-            from pipelines.registry import pull
-
-            if not args.tracking_uri:
-                raise ValueError(f"--model {args.model} needs --tracking-uri")
-            _, info = pull(args.model, args.tracking_uri, f"{tmp}/model")
+        info = pull_registered(args.model, args.tracking_uri, tmp)
+        if info is not None:
             data.update(model_dir=info["path"], model_uri=args.model, model_name=info["name"],
                         model_version=str(info["version"]))
         else:
