@@ -47,7 +47,19 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
             if manifest.num_samples(split):
                 stream = ShardStream(manifest, split, shuffle_buffer=0, max_bad_fraction=0.0)
                 counts[split] = sum(1 for _ in stream)
-    emit({"manifest": manifest.location, "ok": not bad, "bad_shards": bad, "counted": counts})
+    result = {"manifest": manifest.location, "ok": not bad, "bad_shards": bad, "counted": counts}
+    if "sample_order" not in manifest.data:
+        print(f"[data] note: {manifest.location} was built before shards were shuffled; if its source is "
+              f"ordered by class, its shards are too (check with --check-order, rebuild to fix)", file=sys.stderr)
+    if not bad and args.check_order:
+        from pipelines.data.order import check_order
+
+        result["order"] = check_order(manifest)
+        result["class_sorted"] = any(r and r["class_sorted"] for r in result["order"].values())
+        if result["class_sorted"]:
+            print(f"[data] warning: the shards of {manifest.location} are sorted by class (a batch sees one or "
+                  f"two classes at a time); rebuild it with `vaepipe data build ... --overwrite`", file=sys.stderr)
+    emit(result)
     return 0 if not bad else 1
 
 
@@ -371,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Exit 0 when every shard matches its sha256 in the manifest.")
     verify.add_argument("dataset", help="dataset folder or manifest.json (local path or fsspec URL)")
     verify.add_argument("--count", action="store_true", help="also read every sample and report counts per split")
+    verify.add_argument("--check-order", action="store_true",
+                        help="also read every label and report whether the shards are sorted by class "
+                             "(datasets built before shuffled shards); adds 'order' and 'class_sorted' to the JSON")
     verify.set_defaults(func=cmd_data_verify)
 
     models = sub.add_parser("models", help="list the registered model families",

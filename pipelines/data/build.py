@@ -51,10 +51,25 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+# How samples are ordered inside each split's shards; recorded in the manifest so that a reader
+# (and `vaepipe data verify`) can tell a shuffled dataset from one built before shuffling existed.
+SAMPLE_ORDER = {
+    "shuffled": True,
+    "method": "seeded permutation of the source indices (numpy default_rng(seed + 1)); "
+              "each split keeps its slice of it in permuted order",
+}
+
+
 def split_indices(num_samples: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Source indices of each split, in the order they are written.
+
+    The order is the seeded permutation itself, never sorted: sources often come ordered by
+    class (mnist5k, an imagefolder), and sorted indices would give shards of one or two classes,
+    which no reader-side shuffle buffer smaller than the split can repair.
+    """
     order = np.random.default_rng(seed + 1).permutation(num_samples)
     num_val = int(round(num_samples * val_fraction))
-    return {"train": np.sort(order[num_val:]), "val": np.sort(order[:num_val])}
+    return {"train": order[num_val:], "val": order[:num_val]}
 
 
 def _write_split(source: ImageSource, split: str, indices: np.ndarray, folder: Path,
@@ -104,6 +119,7 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
             "seed": config.seed,
             "image_shape": list(source.image_shape),
             "class_names": source.class_names,
+            "sample_order": SAMPLE_ORDER,
             "splits": {},
         }
         if source.factor_names:

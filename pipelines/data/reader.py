@@ -7,12 +7,15 @@ How the split works: with S slots (world_size x loader workers), shards go to sl
 after a per-epoch shuffle that every slot computes identically, so no two slots read the same
 shard. Each slot then yields exactly floor(total / S) samples, cycling its own shards if they
 hold fewer (shards differ by at most one partial shard). With fewer shards than slots, every
-slot reads all shards and keeps every S-th sample. Corrupt shards and undecodable images are
+slot reads all shards and keeps every S-th sample. A slot reads several of its shards at once
+(`open_shards`) and draws each sample from a random one of them, then a shuffle buffer mixes
+further, so a batch is a fair mix even of shards that are ordered inside. Corrupt shards and undecodable images are
 skipped, counted and warned about with the shard name; past `max_bad_fraction` it fails.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 import sys
@@ -40,6 +43,7 @@ class ReaderConfig:
     shuffle_buffer: int = 1000  # samples held for shuffling (0 = keep shard order)
     seed: int = 0  # shard and sample shuffling seed (combined with the epoch)
     max_bad_fraction: float = 0.05  # fail once more than this share of expected samples is unreadable
+    open_shards: int = 4  # shards each slot reads at once, drawing from a random one per sample
 
 
 def decode_png(data: bytes) -> torch.Tensor:
@@ -54,6 +58,57 @@ def _open_stream(url: str):
     return fsspec.open(url, "rb").open()
 
 
+def read_raw_samples(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
+    """Raw (undecoded) samples of one tar shard; read errors are recorded in `errors`, not raised."""
+    def record(exc: Exception) -> bool:
+        errors.append(str(exc))
+        return False  # stop this shard: a tar stream cannot resync after a bad block
+
+    try:
+        stream = _open_stream(url)
+    except Exception as exc:
+        errors.append(f"cannot open: {exc}")
+        return
+    try:
+        source = [{"url": url, "stream": stream}]
+        files = wds.tariterators.tar_file_expander(source, handler=record, eof_value=None)
+        yield from wds.tariterators.group_by_keys(files, handler=record)
+    except Exception as exc:  # a truncated gzip/tar may raise outside the handler
+        errors.append(str(exc))
+    finally:
+        stream.close()
+
+
+def _share(shard: ShardInfo, stride: tuple[int, int] | None) -> int:
+    """How many of a shard's samples one slot reads: all, or every stride[1]-th from stride[0]."""
+    return shard.num_samples if stride is None else len(range(stride[0], shard.num_samples, stride[1]))
+
+
+class _BadTally:
+    """Unreadable samples of one pass over a split: warns per shard, fails past max_bad_fraction."""
+
+    def __init__(self, split: str, max_bad_fraction: float):
+        self.split, self.max_bad_fraction = split, max_bad_fraction
+        self.expected = self.bad = 0
+
+    def opened(self, share: int) -> None:
+        """Count a shard's share as expected when it is opened: several are read at once."""
+        self.expected += share
+
+    def finished(self, shard: ShardInfo, share: int, good: int, errors: list[str]) -> None:
+        missing = share - good
+        if missing <= 0:
+            return
+        self.bad += missing
+        print(f"[data] warning: shard {shard.name}: {missing} of {share} samples unreadable "
+              f"({'; '.join(errors[:3]) or 'truncated'})", file=sys.stderr)
+        if self.bad > self.max_bad_fraction * max(self.expected, 1):
+            raise DataReadError(
+                f"{self.bad} of {self.expected} samples in the shards opened so far from split {self.split!r} were unreadable "
+                f"(more than max_bad_fraction={self.max_bad_fraction}); last bad shard: {shard.url}"
+            )
+
+
 class ShardStream(IterableDataset):
     """One split of a dataset as decoded samples: {"image", "label", "index"[, "factors"]}.
 
@@ -62,7 +117,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, manifest: Manifest | str, split: str, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = 1000, seed: int = 0, max_bad_fraction: float = 0.05,
-                 num_loader_workers: int = 1):
+                 num_loader_workers: int = 1, open_shards: int = 4):
         super().__init__()
         self.manifest = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
         self.split = split
@@ -73,6 +128,9 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.seed, self.max_bad_fraction = shuffle_buffer, seed, max_bad_fraction
         self.num_loader_workers = max(1, num_loader_workers)
+        if open_shards < 1:
+            raise ValueError(f"open_shards must be >= 1, got {open_shards}")
+        self.open_shards = open_shards
         self.has_factors = bool(self.manifest.factor_names)
         self.epoch = 0
         if self.total < world_size * self.num_loader_workers:
@@ -108,67 +166,61 @@ class ShardStream(IterableDataset):
             mine, stride = shards[slot::slots], None
         else:
             mine, stride = shards, (slot, slots)
-        samples = self._samples(mine, stride, quota)
+        samples = self._mixed_samples(mine, stride, quota, random.Random(f"mix-{self.seed}-{self.epoch}-{slot}"))
         if self.shuffle_buffer > 1:
             rng = random.Random(f"{self.seed}-{self.epoch}-{slot}")
             samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(samples)
         yield from samples
 
-    def _samples(self, shards: list[ShardInfo], stride: tuple[int, int] | None, quota: int):
-        """Decoded samples from `shards`, cycled until exactly `quota` were yielded."""
-        emitted, expected, bad = 0, 0, 0
-        while emitted < quota:
-            yielded_this_pass = 0
-            for shard in shards:
-                good, errors = 0, []
-                for position, sample in enumerate(self._read_shard(shard, errors)):
-                    if stride is not None and position % stride[1] != stride[0]:
-                        continue
-                    try:
-                        decoded = self._decode(sample)
-                    except Exception as exc:  # PIL raises many error types on broken PNGs
-                        errors.append(f"sample {sample.get('__key__')}: {exc}")
-                        continue
-                    good += 1
-                    yield decoded
-                    emitted += 1
-                    yielded_this_pass += 1
-                    if emitted >= quota:
-                        return
-                share = shard.num_samples if stride is None else len(range(stride[0], shard.num_samples, stride[1]))
-                expected += share
-                missing = share - good
-                if missing > 0:
-                    bad += missing
-                    print(f"[data] warning: shard {shard.name}: {missing} of {share} samples unreadable "
-                          f"({'; '.join(errors[:3]) or 'truncated'})", file=sys.stderr)
-                    if bad > self.max_bad_fraction * max(expected, 1):
-                        raise DataReadError(
-                            f"{bad} of {expected} samples read so far from split {self.split!r} were unreadable "
-                            f"(more than max_bad_fraction={self.max_bad_fraction}); last bad shard: {shard.url}"
-                        )
-            if yielded_this_pass == 0:
-                raise DataReadError(f"no readable samples in shards {[s.name for s in shards]}")
+    def _mixed_samples(self, shards: list[ShardInfo], stride: tuple[int, int] | None, quota: int,
+                       rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Exactly `quota` decoded samples, drawn at random from up to `open_shards` shards at once.
 
-    def _read_shard(self, shard: ShardInfo, errors: list[str]):
-        """Raw samples of one tar shard; read errors are recorded instead of raised."""
-        def record(exc: Exception) -> bool:
-            errors.append(str(exc))
-            return False  # stop this shard: a tar stream cannot resync after a bad block
-
+        Each draw picks one of the open shards at random, so consecutive samples come from
+        different shards even when a shard itself is ordered (datasets built before shuffled
+        shards existed). A slot whose shards hold fewer than the quota starts another pass over
+        them only once the current pass is done, so no sample repeats within a pass.
+        """
+        tally = _BadTally(self.split, self.max_bad_fraction)
+        pending, open_streams, emitted, good_this_pass = list(shards), [], 0, 0
         try:
-            stream = _open_stream(shard.url)
-        except Exception as exc:
-            errors.append(f"cannot open: {exc}")
-            return
-        try:
-            source = [{"url": shard.url, "stream": stream}]
-            files = wds.tariterators.tar_file_expander(source, handler=record, eof_value=None)
-            yield from wds.tariterators.group_by_keys(files, handler=record)
-        except Exception as exc:  # a truncated gzip/tar may raise outside the handler
-            errors.append(str(exc))
+            while emitted < quota:
+                while pending and len(open_streams) < self.open_shards:
+                    shard = pending.pop(0)
+                    tally.opened(_share(shard, stride))
+                    open_streams.append(self._shard_samples(shard, stride, tally))
+                if not open_streams:  # a pass is over: start the next one
+                    if good_this_pass == 0:
+                        raise DataReadError(f"no readable samples in shards {[s.name for s in shards]}")
+                    pending, good_this_pass = list(shards), 0
+                    continue
+                pick = rng.randrange(len(open_streams))
+                try:
+                    sample = next(open_streams[pick])
+                except StopIteration:
+                    open_streams.pop(pick)
+                    continue
+                good_this_pass += 1
+                yield sample
+                emitted += 1
         finally:
-            stream.close()
+            for stream in open_streams:
+                stream.close()  # closes the tar streams of shards left half-read
+
+    def _shard_samples(self, shard: ShardInfo, stride: tuple[int, int] | None, tally: "_BadTally"):
+        """Decoded samples of one shard (this slot's share of it); unreadable ones go to `tally`."""
+        good, errors = 0, []
+        for position, sample in enumerate(read_raw_samples(shard.url, errors)):
+            if stride is not None and position % stride[1] != stride[0]:
+                continue
+            try:
+                decoded = self._decode(sample)
+            except Exception as exc:  # PIL raises many error types on broken PNGs
+                errors.append(f"sample {sample.get('__key__')}: {exc}")
+                continue
+            good += 1
+            yield decoded
+        tally.finished(shard, _share(shard, stride), good, errors)
 
     def _decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         out = {
@@ -185,7 +237,7 @@ def make_loader(manifest: Manifest | str, split: str, config: ReaderConfig, rank
                 world_size: int = 1, epoch: int = 0) -> DataLoader:
     """A DataLoader over one split for one rank: `len(loader)` batches, equal on every rank."""
     dataset = ShardStream(manifest, split, rank, world_size, config.shuffle_buffer, config.seed,
-                          config.max_bad_fraction, max(1, config.num_loader_workers))
+                          config.max_bad_fraction, max(1, config.num_loader_workers), config.open_shards)
     dataset.set_epoch(epoch)
     per_worker = dataset.samples_per_rank() // max(1, config.num_loader_workers)
     if per_worker < config.batch_size:
