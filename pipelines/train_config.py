@@ -32,6 +32,7 @@ class TrainSection:
     seed: int = 0  # model init, shuffling and sampling
     loader_workers: int = 0  # DataLoader processes per worker (0 = read in the training process)
     shuffle_buffer: int = 1000  # samples held for shuffling
+    open_shards: int = 4  # shards each reader slot draws from at once (mixes classes across shards)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class TrainConfig:
             (self.train.max_steps_per_epoch is None or self.train.max_steps_per_epoch >= 1,
              "train.max_steps_per_epoch must be >= 1"),
             (self.train.loader_workers >= 0, "train.loader_workers must be >= 0"),
+            (self.train.open_shards >= 1, "train.open_shards must be >= 1"),
             (self.scaling.workers >= 1, "scaling.workers must be >= 1"),
             (self.scaling.max_failures >= -1, "scaling.max_failures must be >= -1 (-1 = unlimited)"),
             (self.optim.lr > 0, "optim.lr must be > 0"),

@@ -59,7 +59,8 @@ def run_loop(config: dict[str, Any], session: Session) -> dict[str, float]:
     wrapped = session.prepare_model(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     reader = ReaderConfig(batch_size=cfg.train.batch_size, num_loader_workers=cfg.train.loader_workers,
-                          shuffle_buffer=cfg.train.shuffle_buffer, seed=cfg.train.seed)
+                          shuffle_buffer=cfg.train.shuffle_buffer, seed=cfg.train.seed,
+                          open_shards=cfg.train.open_shards)
     tracker = session.tracker(cfg, run_id) if rank == 0 else None
 
     step, metrics = state.step, {}
