@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench clean image stack-up stack-down
+.PHONY: venv demo test test-fast bench bench-pythae clean image stack-up stack-down
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,12 @@ test-fast: venv
 bench: venv
 	$(PY) -m benchmarks.train_throughput
 	$(PY) -m benchmarks.generate_throughput
+
+# vaepipe's vae against pythae's VAE (held-out NLL, mnist5k); pythae lives in its own throwaway venv
+PYTHAE_VENV ?= .bench-venvs/pythae
+bench-pythae: venv
+	test -x $(PYTHAE_VENV)/bin/python || { python3 -m venv $(PYTHAE_VENV) && $(PYTHAE_VENV)/bin/pip install -q "$(TORCH_SPEC)" pythae==0.1.2; }
+	$(PY) -m benchmarks.vae_vs_pythae --pythae-python $(PYTHAE_VENV)/bin/python
 
 # the deployment image, named by the `# Image:` line of infra/docker/Dockerfile
 image:

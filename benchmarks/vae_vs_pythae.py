@@ -8,8 +8,8 @@ Every arm: latent 16, batch 128, 10 epochs over the same 4,000 training images (
 `--val-fraction 0.2 --seed 0`), Adam lr 1e-3, Bernoulli likelihood (BCE), MLP networks (each
 library's default MLP), then the IWAE estimate of log p(x) with k importance samples on the same
 1,000 validation images; NLL = -mean. pythae runs in its own virtualenv (it pins other versions of
-what vaepipe uses): install it with `python3 -m venv /tmp/pythae && /tmp/pythae/bin/pip install
-torch==2.13.0 pythae==0.1.2` and pass `--pythae-python /tmp/pythae/bin/python`.
+what vaepipe uses): `make bench-pythae` makes it in .bench-venvs/pythae (torch==2.13.0 + pythae==0.1.2)
+and runs this; `--pythae-python` (or PYTHAE_PYTHON) points at another one.
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="seeds per arm (median, min and max are reported)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--k", type=int, default=1000, help="importance samples of the IWAE estimate")
-    parser.add_argument("--pythae-python", default=os.environ.get("PYTHAE_PYTHON", "/work/pythae-venv/bin/python"))
+    parser.add_argument("--pythae-python", default=os.environ.get("PYTHAE_PYTHON", ".bench-venvs/pythae/bin/python"))
     parser.add_argument("--report", default="BENCHMARKS.md")
     args = parser.parse_args(argv)
     if not Path(args.pythae_python).exists():
