@@ -98,7 +98,7 @@ def add_override_flags(parser: argparse.ArgumentParser, grid: bool = False) -> N
     value = str if grid else int
     parser.add_argument("--latent-dim", type=value, help="comma list for a grid" if grid else "latent size")
     parser.add_argument("--beta", type=str if grid else float, help="comma list for a grid" if grid else "KL weight (beta_vae)")
-    parser.add_argument("--workers", type=int, help="Ray Train workers per run")
+    parser.add_argument("--workers", type=int, help="Ray Train workers per run (0 = in this process, no Ray start-up)")
     parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="train on GPUs")
     parser.add_argument("--storage", help="where checkpoints go: local folder or s3:// URI")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///STORAGE/mlflow.db)")

@@ -47,12 +47,25 @@ class Session:
 
 
 class LocalSession(Session):
-    """One process, no Ray: keeps every report and a copy of the latest checkpoint."""
+    """One process, no Ray: keeps every report and the latest checkpoints.
 
-    def __init__(self, resume_from: str | Path | None = None, use_gpu: bool = False):
+    With `checkpoint_root` (`vaepipe train --workers 0`) checkpoints are folders
+    `checkpoint_NNNNNN` there, the newest `keep` of them kept, and a new session in the same
+    folder resumes from the newest, as Ray Train does from its storage; without it they go to a
+    temporary folder (tests, benchmarks).
+    """
+
+    def __init__(self, resume_from: str | Path | None = None, use_gpu: bool = False,
+                 checkpoint_root: str | Path | None = None, keep: int = 3):
         self.reports: list[dict[str, Any]] = []
-        self._dir = Path(tempfile.mkdtemp(prefix="vaepipe-local-ckpt-"))
+        self._dir = Path(checkpoint_root) if checkpoint_root else Path(tempfile.mkdtemp(prefix="vaepipe-local-ckpt-"))
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._keep = keep
+        existing = self._checkpoints()
+        if resume_from is None and checkpoint_root and existing:
+            resume_from = existing[-1]
         self._latest = _DirCheckpoint(resume_from) if resume_from else None
+        self._count = int(existing[-1].name.rsplit("_", 1)[1]) + 1 if existing else 0
         self._use_gpu = use_gpu
 
     def device(self) -> torch.device:
@@ -64,9 +77,18 @@ class LocalSession(Session):
     def report(self, metrics, checkpoint_dir):
         self.reports.append(dict(metrics))
         if checkpoint_dir is not None:
-            target = self._dir / f"checkpoint-{len(self.reports):06d}"
-            shutil.copytree(checkpoint_dir, target)
+            target = self._dir / f"checkpoint_{self._count:06d}"
+            partial = self._dir / f".{target.name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, partial)
+            partial.rename(target)  # a checkpoint folder is complete or absent
+            self._count += 1
             self._latest = _DirCheckpoint(target)
+            for old in self._checkpoints()[:-self._keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _checkpoints(self) -> list[Path]:
+        return sorted(p for p in self._dir.glob("checkpoint_*") if p.is_dir())
 
     @property
     def latest_checkpoint(self) -> str | None:

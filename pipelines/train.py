@@ -19,7 +19,6 @@ from pipelines.config import ConfigError
 from pipelines.data import read_manifest
 from pipelines.tracking import end_run, start_run
 from pipelines.train_config import TrainConfig, validate_model_params
-from pipelines.train_loop import train_loop_per_worker
 
 RUN_INFO_FILE = "vaepipe-run.json"  # beside Ray's files in storage/NAME: config + MLflow run id
 
@@ -53,7 +52,7 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None) -> dict[
     config = absolute_paths(config)
     manifest = read_manifest(config.data)
     validate_model_params(config, manifest.image_shape, manifest.num_classes or None)
-    if config.train.batch_size > manifest.num_samples("train") // config.scaling.workers:
+    if config.train.batch_size > manifest.num_samples("train") // max(1, config.scaling.workers):
         raise ConfigError(f"train.batch_size={config.train.batch_size} is larger than each worker's share of "
                           f"the {manifest.num_samples('train')} training samples")
     root = storage_root(config)
@@ -75,12 +74,16 @@ def resume_training(storage: str, run_name: str) -> dict[str, Any]:
 
 
 def _fit(config: TrainConfig, run_name: str, run_id: str) -> dict[str, Any]:
+    config = absolute_paths(config)
+    if config.scaling.workers == 0:
+        return _fit_in_process(config, run_name, run_id)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    config = absolute_paths(config)
     root, tracking_uri = config.storage, config.tracking_uri()
     ensure_ray()
+    from pipelines.train_loop import train_loop_per_worker
+
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**config.to_dict(), "mlflow_run_id": run_id},
@@ -105,6 +108,31 @@ def _fit(config: TrainConfig, run_name: str, run_id: str) -> dict[str, Any]:
         "run_name": run_name,
         "tracking_uri": tracking_uri,
         "checkpoint": checkpoint,
+        "metrics": final_metrics(tracking_uri, run_id),
+    }
+
+
+def _fit_in_process(config: TrainConfig, run_name: str, run_id: str) -> dict[str, Any]:
+    """`--workers 0`: the same loop in this process, no Ray start-up; checkpoints in STORAGE/NAME."""
+    from pipelines.sessions import LocalSession
+    from pipelines.train_loop import run_loop
+
+    if "://" in config.storage:
+        raise ConfigError("scaling.workers=0 trains in this process and keeps checkpoints on local disk: "
+                          f"storage must be a local folder, not {config.storage}")
+    tracking_uri = config.tracking_uri()
+    session = LocalSession(use_gpu=config.scaling.use_gpu, checkpoint_root=Path(config.storage) / run_name)
+    try:
+        run_loop({**config.to_dict(), "mlflow_run_id": run_id}, session)
+    except BaseException:
+        end_run(tracking_uri, run_id, "FAILED")
+        raise
+    end_run(tracking_uri, run_id, "FINISHED")
+    return {
+        "run_id": run_id,
+        "run_name": run_name,
+        "tracking_uri": tracking_uri,
+        "checkpoint": session.latest_checkpoint,
         "metrics": final_metrics(tracking_uri, run_id),
     }
 

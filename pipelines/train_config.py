@@ -37,7 +37,7 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class ScalingSection:
-    workers: int = 1  # Ray Train workers (DDP ranks)
+    workers: int = 1  # Ray Train workers (DDP ranks); 0 = train in this process without Ray
     use_gpu: bool = False  # one GPU per worker, NCCL and bf16 autocast
     cpus_per_worker: float = 1.0  # CPUs reserved per worker
     max_failures: int = 1  # worker failures to recover from (restarting from the latest checkpoint)
@@ -69,7 +69,7 @@ class TrainConfig:
              "train.max_steps_per_epoch must be >= 1"),
             (self.train.loader_workers >= 0, "train.loader_workers must be >= 0"),
             (self.train.open_shards >= 1, "train.open_shards must be >= 1"),
-            (self.scaling.workers >= 1, "scaling.workers must be >= 1"),
+            (self.scaling.workers >= 0, "scaling.workers must be >= 0 (0 = in this process, without Ray)"),
             (self.scaling.max_failures >= -1, "scaling.max_failures must be >= -1 (-1 = unlimited)"),
             (self.optim.lr > 0, "optim.lr must be > 0"),
             (self.optim.grad_clip is None or self.optim.grad_clip > 0, "optim.grad_clip must be > 0"),
