@@ -226,13 +226,15 @@ def _differences(old: Any, new: dict[str, Any]) -> list[str]:
 
 
 def _block_done(out: Path, block: dict[str, Any]) -> bool:
-    """A block is done when its marker matches its spec and every file it lists is there at full size."""
+    """A block is done when its marker matches its spec and every file it lists is there with its
+    sha256 (not just its size: a file damaged in place, same length, must be written again)."""
     marker = _read_json(marker_path(out, block["index"]))
     if not marker or marker.get("spec_sha256") != spec_sha256(block):
         return False
     for entry in marker["files"]:
         path = out / entry["path"]
-        if not path.is_file() or path.stat().st_size != entry["bytes"]:
+        if not path.is_file() or path.stat().st_size != entry["bytes"] \
+                or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
             return False
     return True
 
