@@ -20,7 +20,6 @@ from PIL import Image
 import vaemodels
 from pipelines.cli import main
 from pipelines.data import BuildConfig, SourceError, build_dataset, read_manifest, verify_shards
-from pipelines.data.build import remove_stale_staging
 from tests.conftest import free_port
 
 
@@ -127,6 +126,8 @@ def test_huge_image_size_is_refused_with_a_memory_estimate(tmp_path, capsys):
 
 
 def test_stale_staging_is_removed_only_when_ours_and_its_build_is_dead(tmp_path):
+    from pipelines.data.build import remove_stale_staging
+
     out = tmp_path / "ds"
     host = socket.gethostname()
     dead = subprocess.Popen(["true"])
@@ -349,3 +350,196 @@ def test_evaluate_failing_late_leaves_no_out(digits_dataset, vae_folder, tmp_pat
                          "--out", str(kept), "--synthetic", str(broken), "--iwae-k", "2", "--iwae-subset", "8",
                          "--max-real", "100", "--seeds", "1")
     assert code == 2 and tree(kept) == {"mine.txt": b"keep"}
+
+
+# -- 3, 11, 12: the registry on a real SQLite store (runs trained for a few steps) ----------------
+
+def trained_run(uri, data, name, family="cvae", steps=2):
+    """A short real training run in the store: per-epoch metrics, model/ (with dataset.json), figures/."""
+    from pipelines.sessions import LocalSession
+    from pipelines.tracking import start_run
+    from pipelines.train_config import TrainConfig
+    from pipelines.train_loop import run_loop
+
+    config = {"data": str(data), "name": name, "tracking": {"tracking_uri": uri, "experiment": "failures"},
+              "model": {"name": family, "params": {"backbone": "mlp", "latent_dim": 4, "hidden_dim": 16}},
+              "train": {"batch_size": 8, "epochs": 1, "max_steps_per_epoch": steps, "checkpoint_every": 1000}}
+    run_id = start_run(uri, "failures", name, TrainConfig.from_dict(config).to_dict(),
+                       {"dataset_sha256": read_manifest(str(data)).sha256()})
+    run_loop({**config, "mlflow_run_id": run_id}, LocalSession())
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("store")
+    return f"sqlite:///{folder / 'mlflow.db'}", folder
+
+
+@pytest.mark.slow
+def test_champion_gate_compares_full_precision_and_never_duplicates(store, digits_dataset):
+    import mlflow
+
+    from pipelines.registry import RegisterRequest, register_run
+
+    uri, _ = store
+    a, b, c = (trained_run(uri, digits_dataset, n) for n in ("a", "b", "c"))
+    client = mlflow.MlflowClient(uri)
+    # values whose 6-digit rounding (-96.5769) lies above a: a marginally worse c beat the rounded tag
+    for run_id, value in ((a, -96.57686), (b, -96.57686), (c, -96.5768605)):
+        client.log_metric(run_id, "val_elbo", value, step=99)
+    first = register_run(RegisterRequest(a, "gate", uri))
+    assert first["version"] == 1 and first["decision"] == "promoted"
+
+    again = register_run(RegisterRequest(a, "gate", uri))  # the same run: no duplicate, no promotion
+    assert again["version"] == 1 and again["decision"] == "already_registered"
+    assert [str(v.version) for v in client.search_model_versions("name = 'gate'")] == ["1"]
+
+    tie = register_run(RegisterRequest(b, "gate", uri))
+    assert tie["version"] == 2 and tie["decision"] == "kept_as_challenger" and "ties" in tie["reason"]
+    worse = register_run(RegisterRequest(c, "gate", uri))
+    assert worse["decision"] == "kept_as_challenger" and worse["champion_value"] == -96.57686
+    assert str(client.get_model_version_by_alias("gate", "champion").version) == "1"
+    assert float(client.get_model_version("gate", "3").tags["gate_value"]) == -96.5768605
+
+
+@pytest.mark.slow
+def test_rewritten_weights_and_checksums_are_caught_by_the_version_tag(store, digits_dataset, tmp_path):
+    from pipelines.registry import CHECKSUMS_FILE, RegisterRequest, RegistryError, file_checksums, pull, register_run
+
+    uri, folder = store
+    run_id = trained_run(uri, digits_dataset, "tamper")
+    register_run(RegisterRequest(run_id, "tamper", uri))
+    model_dir = next(folder.rglob(f"{run_id}/artifacts/model"))
+    weights = model_dir / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    (model_dir / CHECKSUMS_FILE).write_text(json.dumps(file_checksums(model_dir), indent=2) + "\n")
+    with pytest.raises(RegistryError, match="checksums.json does not match the digest recorded at registration"):
+        pull("models:/tamper@champion", uri, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_class_names_travel_from_image_folder_to_generated_folders(ray_session, store, tmp_path, capsys):
+    import pyarrow.dataset as pads
+
+    from pipelines.registry import RegisterRequest, pull, register_run
+
+    uri, _ = store
+    photos = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for name in ("china", "flower"):
+        (photos / name).mkdir(parents=True)
+        for i in range(24):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(photos / name / f"{i}.png")
+    build_dataset(BuildConfig(f"imagefolder:{photos}", str(tmp_path / "ds"), val_fraction=0.25))
+    run_id = trained_run(uri, tmp_path / "ds", "photos")
+    registered = register_run(RegisterRequest(run_id, "photos", uri))
+    _, info = pull("models:/photos@champion", uri, tmp_path / "pulled")
+    assert info["class_names"] == ["china", "flower"]
+    assert info["dataset_sha256"] == read_manifest(str(tmp_path / "ds")).sha256()
+    import mlflow
+
+    tags = mlflow.MlflowClient(uri).get_model_version("photos", str(registered["version"])).tags
+    assert json.loads(tags["class_names"]) == ["china", "flower"]
+
+    code, out, _ = run_cli(capsys, "generate", "--model", "models:/photos@champion", "--tracking-uri", uri,
+                           "--out", str(tmp_path / "synthetic"), "--per-class", "25", "--workers", "1")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["total"] == 50
+    images = tmp_path / "synthetic" / "images"
+    assert sorted(p.name for p in images.iterdir()) == ["china", "flower"]
+    assert len(list((images / "china").glob("*.png"))) == 25
+    table = pads.dataset(tmp_path / "synthetic" / "parquet", format="parquet", partitioning="hive").to_table()
+    names = dict(zip(table.column("label").to_pylist(), table.column("class_name").to_pylist()))
+    assert names == {0: "china", 1: "flower"}
+
+    # a model folder without dataset.json (saved by hand, or registered before it existed): numbers
+    bare = tmp_path / "bare"
+    for name in ("config.json", "model.safetensors"):
+        bare.mkdir(exist_ok=True)
+        (bare / name).write_bytes((tmp_path / "pulled" / name).read_bytes())
+    code, _, _ = run_cli(capsys, "generate", "--model", str(bare), "--out", str(tmp_path / "numbered"),
+                         "--per-class", "5", "--workers", "1")
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "numbered" / "images").iterdir()) == ["0", "1"]
+    table = pads.dataset(tmp_path / "numbered" / "parquet", format="parquet", partitioning="hive").to_table()
+    assert set(table.column("class_name").to_pylist()) == {None}
+
+
+# -- 2: tune with checkpoints that fall mid-epoch -------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_tune_survives_mid_epoch_checkpoints(ray_session, digits_dataset, tmp_path):
+    from pipelines.checkpoints import read_state
+    from pipelines.tune import run_search
+    from pipelines.tune_config import TuneConfig
+
+    config = TuneConfig.from_dict({
+        "base": {"data": str(digits_dataset), "storage": str(tmp_path / "runs"),
+                 "model": {"name": "beta_vae", "params": {"backbone": "mlp", "hidden_dim": 16}},
+                 # 8 steps per epoch, a checkpoint every 3: steps 3 and 6 report train metrics only
+                 "train": {"batch_size": 32, "epochs": 2, "max_steps_per_epoch": 8, "checkpoint_every": 3}},
+        "search": {"beta": [1.0], "latent_dim": [4]},
+        "name": "mid-epoch",
+    })
+    result = run_search(config)
+    [trial] = result["trials"]
+    assert trial["status"] == "finished" and trial["error"] is None and trial["epochs_run"] == 2
+    assert trial["val_elbo"] is not None and read_state(result["best"]["checkpoint"]).epoch == 2
+
+
+# -- 11: a block counts as done by digest, not size -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def cvae_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    model = vaemodels.build("cvae", (1, 8, 8), num_classes=10, backbone="mlp", latent_dim=4, hidden_dim=16)
+    return vaemodels.save_model(model, tmp_path_factory.mktemp("models") / "cvae")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_damaged_file_of_the_same_size_is_reported_and_rewritten(ray_session, cvae_folder, tmp_path):
+    from pipelines.batch_job import verify_files
+    from pipelines.generate import GenerateConfig, run_generation
+
+    config = GenerateConfig(model_dir=str(cvae_folder), out=str(tmp_path / "g"), per_class=5, block_size=10,
+                            workers=1)
+    run_generation(config)
+    before = tree(tmp_path / "g")
+    png = sorted((tmp_path / "g" / "images" / "3").glob("*.png"))[0]
+    data = bytearray(png.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    png.write_bytes(bytes(data))
+    assert verify_files(tmp_path / "g") == [str(png.relative_to(tmp_path / "g"))]
+    (tmp_path / "g" / "_SUCCESS").unlink()  # as if the run had been interrupted before its end
+    result = run_generation(config)
+    assert result["blocks_written"] == 1
+    assert verify_files(tmp_path / "g") == [] and tree(tmp_path / "g") == before
+
+
+# -- 10: Ctrl-C on generate ----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ctrl_c_on_generate_exits_130_with_one_line(cvae_folder, tmp_path):
+    import signal
+
+    out = tmp_path / "g"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "generate", "--model", str(cvae_folder),
+                             "--out", str(out), "--per-class", "2000", "--workers", "1", "--set", "block_size=50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    deadline = time.time() + 180
+    while not list((out / "_blocks").glob("block-*.json")) if (out / "_blocks").is_dir() else True:
+        assert proc.poll() is None and time.time() < deadline, "generate never wrote a block"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "vaepipe: interrupted" and "Traceback" not in stderr
+    # no result line (Ray may still print its own log lines on stdout), no completion marker
+    assert not [line for line in stdout.splitlines() if line.startswith("{")] and not (out / "_SUCCESS").exists()

@@ -96,7 +96,8 @@ def test_pull_from_server_loads_a_ready_model(mlflow_server, runs, tmp_path):
     model, info = pull("models:/pull-me@champion", uri, tmp_path / "m")
     assert info["version"] == 1 and info["model_family"] == "cvae"
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
-        "checksums.json", "config.json", "model.safetensors", "registry.json", "signature.json"]
+        "checksums.json", "config.json", "dataset.json", "model.safetensors", "registry.json", "signature.json"]
+    assert info["class_names"] == [str(d) for d in range(10)]  # the digits dataset's, carried by the model
     images = model.sample(10, labels=torch.arange(10), generator=torch.Generator().manual_seed(0))
     assert images.shape == (10, 1, 8, 8) and 0 <= images.min() and images.max() <= 1
     signature = json.loads((tmp_path / "m" / "signature.json").read_text())
