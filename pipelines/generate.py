@@ -111,8 +111,8 @@ def inspect_model(config: GenerateConfig) -> ModelInfo:
 
     folder = Path(config.model_dir)
     if not folder.is_dir():
-        raise ConfigError(f"model_dir {folder}: no such folder (a saved model folder holds config.json and "
-                          "model.safetensors)")
+        raise ConfigError(f"model_dir {folder}: no such folder, so it is not a saved model (one holds "
+                          "config.json and model.safetensors)")
     try:
         model = vaemodels.load_model(folder)
     except (FileNotFoundError, ValueError) as exc:  # vaemodels.ConfigError is a ValueError

@@ -145,11 +145,11 @@ def _version_of_run(client, name: str, run_id: str):
 
 def _already_registered(client, request: RegisterRequest, version, value: float) -> dict[str, Any]:
     """Re-registering a run adds no duplicate version; --force still makes that version champion."""
-    if request.force and CHAMPION not in version.aliases:
-        client.set_registered_model_alias(request.name, CHAMPION, version.version)
-        reason = "forced (run already registered)"
-    else:
-        reason = f"run {request.run_id} is already version {version.version} of {request.name}"
+    if request.force:
+        decision = _gate(client, request, str(version.version), value)
+        aliases = sorted(client.get_model_version(request.name, version.version).aliases)
+        return {"name": request.name, "version": int(version.version), "aliases": aliases, **decision}
+    reason = f"run {request.run_id} is already version {version.version} of {request.name}"
     aliases = sorted(client.get_model_version(request.name, version.version).aliases)
     print(f"[register] {request.name} v{version.version}: already registered ({reason})", file=sys.stderr)
     return {"name": request.name, "version": int(version.version), "aliases": aliases,

@@ -543,3 +543,69 @@ def test_ctrl_c_on_generate_exits_130_with_one_line(cvae_folder, tmp_path):
     assert stderr.strip().splitlines()[-1] == "vaepipe: interrupted" and "Traceback" not in stderr
     # no result line (Ray may still print its own log lines on stdout), no completion marker
     assert not [line for line in stdout.splitlines() if line.startswith("{")] and not (out / "_SUCCESS").exists()
+
+
+# -- beyond the list: concurrent and read-only outputs; the cluster entry points -----------------
+
+def test_second_generate_into_a_folder_in_use_is_refused(cvae_folder, tmp_path, capsys):
+    import fcntl
+
+    from pipelines.batch_job import LOCK_NAME
+
+    out = tmp_path / "g"
+    out.mkdir()
+    with open(out / LOCK_NAME, "a+") as held:  # what a running generate holds (the kernel drops it if it dies)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = run_cli(capsys, "generate", "--model", str(cvae_folder), "--out", str(out),
+                               "--per-class", "5", "--workers", "1")
+    assert code == 2
+    assert_one_line_error(err, "is in use by another generate run")
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # the refused run wrote nothing
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_is_one_line(cvae_folder, tmp_path, capsys):
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code, _, err = run_cli(capsys, "generate", "--model", str(cvae_folder), "--out", str(locked / "g"),
+                               "--per-class", "5", "--workers", "1")
+        assert code == 2
+        assert_one_line_error(err, "not writable")
+        code, _, err = run_cli(capsys, "data", "build", "--source", "digits", "--out", str(locked / "d"),
+                               "--limit", "50")
+        assert code == 2
+        assert_one_line_error(err, "Permission denied")
+    finally:
+        locked.chmod(0o755)
+    assert list(locked.iterdir()) == []
+
+
+def test_generate_job_reads_the_tracking_uri_from_the_environment(tmp_path, capsys, monkeypatch):
+    from jobs.generate import main as generate_job
+    from pipelines.tracking import connect
+
+    store = tmp_path / "mlflow.db"
+    connect(f"sqlite:///{store}").search_experiments()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    config = {"model_uri": "models:/nothing@champion", "out": str(tmp_path / "o"), "num_samples": 10}
+    assert generate_job(["--config-json", json.dumps(config)]) == 2
+    err = capsys.readouterr().err
+    assert "no registered model named 'nothing'" in err and "Traceback" not in err
+
+
+def test_the_failure_table_names_every_test_here_and_only_tests_that_exist():
+    """docs/failure-modes.md is kept current by these tests: each row names one that exists, and
+    every failure test here has a row."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    table = (root / "docs" / "failure-modes.md").read_text()
+    named = set(re.findall(r"`(?:tests/[\w/]+\.py::)?(test_\w+)", table))
+    sources = "".join((root / "tests" / "pipelines" / f).read_text()
+                      for f in ("test_failures.py", "test_registry.py", "data/test_build.py"))
+    defined = set(re.findall(r"^def (test_\w+)", sources, re.M))
+    assert named - defined == set()
+    here = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text(), re.M))
+    assert here - named == {"test_the_failure_table_names_every_test_here_and_only_tests_that_exist"}
