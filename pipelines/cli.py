@@ -137,11 +137,22 @@ def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> di
     return apply_overrides(data, args.assignments)
 
 
+def check_tracking_early(tracking_uri: str | None) -> None:
+    """An HTTP tracking server that does not answer fails the command before torch and Ray are
+    imported (seconds on a busy machine); the pipelines check again where they connect."""
+    from pipelines.tracking import check_reachable
+
+    uri = tracking_uri_or_env(tracking_uri)
+    if uri:
+        check_reachable(uri)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    check_data_flag(args.data)
+    check_tracking_early(config_from_args(args).get("tracking", {}).get("tracking_uri"))
     from pipelines.train import resume_training, run_training
     from pipelines.train_config import TrainConfig
 
-    check_data_flag(args.data)
     if args.resume:
         storage = config_from_args(args).get("storage", "runs")
         emit(resume_training(storage, args.resume))
@@ -222,11 +233,12 @@ def tune_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    check_data_flag(args.data)
+    check_tracking_early(tune_config_from_args(args).get("base", {}).get("tracking", {}).get("tracking_uri"))
     from pipelines.tracking import connect
     from pipelines.tune import run_search
     from pipelines.tune_config import TuneConfig
 
-    check_data_flag(args.data)
     config = TuneConfig.from_dict(tune_config_from_args(args))
     result = run_search(config)
     registered = None

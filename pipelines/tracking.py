@@ -11,10 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipelines.config import flatten
-from pipelines.figures import display_scale, save_grid
 
 MODEL_ARTIFACT = "model"  # artifact path of the final weights (vaemodels.save_model folder)
 FIGURES_ARTIFACT = "figures"
@@ -144,10 +141,22 @@ def read_dataset_info(model_dir: str | Path) -> dict[str, Any] | None:
     return info if isinstance(info, dict) else None
 
 
-@torch.no_grad()
 def write_figures(model, batch: dict[str, torch.Tensor], folder: Path, seed: int = 0) -> list[Path]:
     """samples.png (generative models), reconstructions.png (originals above reconstructions) and
     interpolation.png (decoded straight lines between the codes of real pairs)."""
+    import torch
+
+    with torch.no_grad():
+        return _write_figures(model, batch, folder, seed)
+
+
+def _write_figures(model, batch: dict[str, torch.Tensor], folder: Path, seed: int) -> list[Path]:
+    # torch and the figure helpers are imported here, not at the top: the CLI imports this module to
+    # check the tracking server before it pays for importing torch (seconds on a busy machine)
+    import torch
+
+    from pipelines.figures import display_scale, save_grid
+
     images, labels = batch["image"], batch["label"]
     scale = display_scale(images.shape[-1])
     conditional = model.is_conditional

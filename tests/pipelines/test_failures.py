@@ -305,6 +305,20 @@ def test_train_with_an_unreachable_tracking_server_fails_fast(digits_dataset, tm
     assert out == ""
 
 
+def test_train_command_with_an_unreachable_server_fails_before_importing_torch(digits_dataset, tmp_path):
+    """The whole process, as a user starts it: the check runs before torch and Ray are imported."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--data", str(digits_dataset),
+                           "--model", "vae", "--tracking-uri", dead, "--storage", str(tmp_path / "runs")],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and time.time() - started < 10, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"vaepipe: error: cannot reach the MLflow tracking server at {dead} (no answer within 5 s: "
+        "<urlopen error [Errno 111] Connection refused>); start it or fix --tracking-uri"]
+
+
 def test_train_refuses_a_dataset_without_val_samples(tmp_path, capsys):
     build_dataset(BuildConfig("digits", str(tmp_path / "ds"), limit=200, val_fraction=0.0))
     code, _, err = run_cli(capsys, "train", "--data", str(tmp_path / "ds"), "--model", "vae",
