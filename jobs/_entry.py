@@ -27,9 +27,13 @@ def run_job(prog: str, argv: list[str] | None, pipeline: Callable[[dict[str, Any
         result = pipeline(parse_config(prog, argv))
         print(json.dumps(result, sort_keys=True, default=str), flush=True)
         return 0
-    except ValueError as exc:  # bad config or input: one clear line, like the CLI
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        # bad config or input: one clear line, like the CLI
+        print(f"{prog}: error: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # `ray job stop` or Ctrl-C: the work done so far resumes on the next run
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     finally:
         import ray
 

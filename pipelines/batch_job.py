@@ -11,9 +11,10 @@ import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,6 +26,7 @@ MANIFEST_NAME = "manifest.json"
 SUCCESS_NAME = "_SUCCESS"
 REQUEST_NAME = "_request.json"  # written before any block: a rerun can tell its own unfinished run from another's
 MARKERS_DIR = "_blocks"
+LOCK_NAME = ".vaepipe.lock"  # held (flock) by the run writing into the folder; empty, hidden from readers
 TMP_SUFFIX = ".tmp"  # temporaries are ".NAME.tmp": hidden from pyarrow/Ray readers, swept on the next run
 
 
@@ -146,7 +148,40 @@ class BlockActor:
 
 
 def run_batch_job(job: BatchJob) -> BatchResult:
-    """Run the blocks not yet done on a Ray Data actor pool, then write the manifest and _SUCCESS."""
+    """Run the blocks not yet done on a Ray Data actor pool, then write the manifest and _SUCCESS.
+    One run at a time per folder: a second run into the same `out` is refused while the first holds it."""
+    with _exclusive(job):
+        return _run_locked(job)
+
+
+@contextmanager
+def _exclusive(job: BatchJob) -> Iterator[None]:
+    """Hold an exclusive lock on OUT/.vaepipe.lock for the run. Two runs of even the same request
+    would sweep each other's unfinished files; the kernel drops the lock when a run dies."""
+    import fcntl
+
+    out = job.out
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"out {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK_NAME, "a+")
+    except PermissionError as exc:
+        raise OutputExistsError(f"out {out} is not writable ({exc.strerror}: {exc.filename}); choose a folder "
+                                "you can write") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputExistsError(f"out {out} is in use by another {job.name} run; wait for it to finish "
+                                    "or choose another out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_locked(job: BatchJob) -> BatchResult:
     out = job.out
     request = json.loads(json.dumps(job.request))  # compare as the manifest stores it
     finished = _read_json(out / MANIFEST_NAME) if (out / SUCCESS_NAME).is_file() else None
@@ -226,13 +261,15 @@ def _differences(old: Any, new: dict[str, Any]) -> list[str]:
 
 
 def _block_done(out: Path, block: dict[str, Any]) -> bool:
-    """A block is done when its marker matches its spec and every file it lists is there at full size."""
+    """A block is done when its marker matches its spec and every file it lists is there with its
+    sha256 (not just its size: a file damaged in place, same length, must be written again)."""
     marker = _read_json(marker_path(out, block["index"]))
     if not marker or marker.get("spec_sha256") != spec_sha256(block):
         return False
     for entry in marker["files"]:
         path = out / entry["path"]
-        if not path.is_file() or path.stat().st_size != entry["bytes"]:
+        if not path.is_file() or path.stat().st_size != entry["bytes"] \
+                or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
             return False
     return True
 

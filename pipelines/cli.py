@@ -5,11 +5,41 @@ chain commands. Errors in user input exit with status 2 and a one-line message n
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
-USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)
+# bad input: one line, exit 2. A path that is a file where a folder is expected (or the reverse), or
+# that the user may not write (a read-only --out), is bad input too.
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                            PermissionError)
+# the machine, not the input: one line, exit 1
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither inf nor nan (they pass float() and fail every step)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def tracking_uri_or_env(flag: str | None) -> str | None:
+    """--tracking-uri, else MLFLOW_TRACKING_URI (what MLflow itself and the cluster images use)."""
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def check_data_flag(data: str | None) -> None:
+    """--data names a dataset folder or its manifest.json; a shard (.tar) or other file is refused here,
+    where the message can say so, not deep in the reader."""
+    if data and "://" not in data and Path(data).is_file() and not data.endswith(".json"):
+        raise ValueError(f"--data {data} is a file, not a dataset: give the folder that holds manifest.json "
+                         "(or the manifest.json itself)")
 
 
 def emit(result: dict[str, Any]) -> None:
@@ -97,7 +127,7 @@ def add_override_flags(parser: argparse.ArgumentParser, grid: bool = False) -> N
     parser.add_argument("--batch-size", type=int, help="per worker")
     value = str if grid else int
     parser.add_argument("--latent-dim", type=value, help="comma list for a grid" if grid else "latent size")
-    parser.add_argument("--beta", type=str if grid else float, help="comma list for a grid" if grid else "KL weight (beta_vae)")
+    parser.add_argument("--beta", type=str if grid else finite_float, help="comma list for a grid" if grid else "KL weight (beta_vae)")
     parser.add_argument("--workers", type=int, help="Ray Train workers per run (0 = in this process, no Ray start-up)")
     parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="train on GPUs")
     parser.add_argument("--storage", help="where checkpoints go: local folder or s3:// URI")
@@ -119,7 +149,19 @@ def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> di
     return apply_overrides(data, args.assignments)
 
 
+def check_tracking_early(tracking_uri: str | None) -> None:
+    """An HTTP tracking server that does not answer fails the command before torch and Ray are
+    imported (seconds on a busy machine); the pipelines check again where they connect."""
+    from pipelines.tracking import check_reachable
+
+    uri = tracking_uri_or_env(tracking_uri)
+    if uri:
+        check_reachable(uri)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    check_data_flag(args.data)
+    check_tracking_early(config_from_args(args).get("tracking", {}).get("tracking_uri"))
     from pipelines.train import resume_training, run_training
     from pipelines.train_config import TrainConfig
 
@@ -136,7 +178,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     from pipelines.registry import RegisterRequest, register_run
 
-    emit(register_run(RegisterRequest(run_id=args.run, name=args.name, tracking_uri=args.tracking_uri,
+    tracking_uri = tracking_uri_or_env(args.tracking_uri)
+    if not tracking_uri:
+        raise ValueError("register needs --tracking-uri (or MLFLOW_TRACKING_URI)")
+    emit(register_run(RegisterRequest(run_id=args.run, name=args.name, tracking_uri=tracking_uri,
                                       metric=args.metric, force=args.force)))
     return 0
 
@@ -144,7 +189,10 @@ def cmd_register(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     from pipelines.registry import pull
 
-    model, info = pull(args.model_uri, args.tracking_uri, args.out)
+    tracking_uri = tracking_uri_or_env(args.tracking_uri)
+    if not tracking_uri:
+        raise ValueError("pull needs --tracking-uri (or MLFLOW_TRACKING_URI)")
+    model, info = pull(args.model_uri, tracking_uri, args.out)
     emit({**info, "input_shape": list(model.input_shape), "num_classes": model.num_classes,
           "generative": model.is_generative})
     return 0
@@ -182,9 +230,12 @@ def tune_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         raw = getattr(args, flag, None)
         if raw is not None:
             try:
-                set_dotted(data, key, [kind(v) for v in raw.split(",") if v.strip()])
+                values = [kind(v) for v in raw.split(",") if v.strip()]
+                if not all(math.isfinite(v) for v in values):
+                    raise ValueError(raw)
+                set_dotted(data, key, values)
             except ValueError:
-                raise ConfigError(f"--{flag.replace('_', '-')} expects a comma list of {kind.__name__}s, "
+                raise ConfigError(f"--{flag.replace('_', '-')} expects a comma list of finite {kind.__name__}s, "
                                   f"got {raw!r}") from None
     for flag, key in TUNE_FLAGS.items():
         value = getattr(args, flag, None)
@@ -194,6 +245,8 @@ def tune_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    check_data_flag(args.data)
+    check_tracking_early(tune_config_from_args(args).get("base", {}).get("tracking", {}).get("tracking_uri"))
     from pipelines.tracking import connect
     from pipelines.tune import run_search
     from pipelines.tune_config import TuneConfig
@@ -214,12 +267,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def pull_registered(model: str | None, tracking_uri: str | None, tmp: str) -> dict[str, Any] | None:
     """A models:/ --model is pulled (checksums verified) into `tmp`; returns registry.pull's info,
     or None when --model is a folder (or absent) and is used as it is."""
-    if model is None or not model.startswith("models:/"):
+    if model is None:
+        return None
+    if not model.startswith("models:/"):
+        if not Path(model).is_dir():
+            raise ValueError(f"--model {model}: no such folder; give a saved model folder or models:/NAME@ALIAS")
         return None
     from pipelines.registry import pull
 
+    tracking_uri = tracking_uri_or_env(tracking_uri)
     if not tracking_uri:
-        raise ValueError(f"--model {model} needs --tracking-uri")
+        raise ValueError(f"--model {model} needs --tracking-uri (or MLFLOW_TRACKING_URI)")
     _, info = pull(model, tracking_uri, f"{tmp}/model")
     return info
 
@@ -266,7 +324,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from pipelines.evaluate import EvaluateConfig, run_evaluation
 
-    with tempfile.TemporaryDirectory(prefix="vaepipe-evaluate-") as tmp:
+    check_data_flag(args.data)
+    if args.synthetic:
+        from pipelines.batch_job import SUCCESS_NAME
+
+        if not (Path(args.synthetic) / SUCCESS_NAME).is_file():
+            raise ValueError(f"--synthetic {args.synthetic} is not a finished `vaepipe generate` output (no "
+                             f"{SUCCESS_NAME}); rerun the generate command to finish it")
+    with tempfile.TemporaryDirectory(prefix="vaepipe-evaluate-") as tmp, removed_on_failure(args.out):
         # pulled outside --out, so the weights are not logged again with the report
         pulled = pull_registered(args.model, args.tracking_uri, tmp)
         model_dir, registry = args.model, None
@@ -286,6 +351,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+class removed_on_failure:
+    """On an exception, delete what the command created under `folder` (the folder itself if it did
+    not exist); files that were there before are kept. A failed command leaves nothing half-written."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+        self.existed = self.folder.exists()
+        self.before = {p for p in self.folder.rglob("*")} if self.folder.is_dir() else set()
+
+    def __enter__(self) -> "removed_on_failure":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        import shutil
+
+        if kind is None or not self.folder.is_dir():
+            return
+        if not self.existed:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return
+        for path in sorted(self.folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if path in self.before:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
 # -- vaepipe embed / score / denoise / interpolate ------------------------------------------------
 
 # flag -> config key, shared by the jobs that read a dataset (pipelines/dataset_jobs.py)
@@ -299,6 +393,7 @@ def run_dataset_job(args: argparse.Namespace, config_class: type, run: Callable[
     temporary folder first; a folder is used as it is."""
     import tempfile
 
+    check_data_flag(args.data)
     data = {key: getattr(args, flag) for flag, key in {**DATASET_JOB_FLAGS, **flags}.items()
             if getattr(args, flag, None) is not None}
     with tempfile.TemporaryDirectory(prefix="vaepipe-model-") as tmp:
@@ -412,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     register.add_argument("--run", required=True, help="MLflow run id of a finished training run")
     register.add_argument("--name", required=True, help="registered model name")
-    register.add_argument("--tracking-uri", required=True, help="MLflow tracking URI (sqlite:///... or http://...)")
+    register.add_argument("--tracking-uri", help="MLflow tracking URI (sqlite:///... or http://...; default "
+                                                  "$MLFLOW_TRACKING_URI)")
     register.add_argument("--metric", default="val_elbo", help="run metric the champion gate compares (default val_elbo)")
     register.add_argument("--force", action="store_true", help="promote to champion regardless of the metric")
     register.set_defaults(func=cmd_register)
@@ -424,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pull.add_argument("model_uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     pull.add_argument("--out", required=True, help="folder to hold the model (absent, empty, or an earlier pull)")
-    pull.add_argument("--tracking-uri", required=True, help="MLflow tracking URI")
+    pull.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
     pull.set_defaults(func=cmd_pull)
 
     submit = sub.add_parser(
@@ -603,8 +699,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return func(args)
     except USER_ERRORS as exc:
-        print(f"vaepipe: error: {exc}", file=sys.stderr)
+        print(f"vaepipe: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"vaepipe: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # what was written so far is resumable (generate, the dataset jobs) or was never put in place
+        # (data build): rerunning the same command continues or starts clean
+        print("vaepipe: interrupted", file=sys.stderr)
+        return 130
+
+
+def one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ SCHEMA = pa.schema([
     ("block_seed", pa.int64()),
     ("sample_index", pa.int64()),  # 0..total-1 across the request
     ("id", pa.string()),  # f"{seed}-{sample_index:08d}": also the PNG's file name
+    ("class_name", pa.string()),  # the label's class name (the images/ folder); null when the model has none
 ])
 PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": ["block_seed", "sample_index", "id"]}
 
@@ -109,6 +110,9 @@ def inspect_model(config: GenerateConfig) -> ModelInfo:
     from pipelines.data.manifest import file_sha256
 
     folder = Path(config.model_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"model_dir {folder}: no such folder, so it is not a saved model (one holds "
+                          "config.json and model.safetensors)")
     try:
         model = vaemodels.load_model(folder)
     except (FileNotFoundError, ValueError) as exc:  # vaemodels.ConfigError is a ValueError
@@ -128,6 +132,27 @@ def inspect_model(config: GenerateConfig) -> ModelInfo:
         digest.update(file_sha256(str(folder / name)).encode())
     return ModelInfo(model.name, tuple(model.input_shape), model.num_classes if conditional else None,
                      model.config.latent_dim, digest.hexdigest())
+
+
+def with_model_class_names(config: GenerateConfig) -> GenerateConfig:
+    """Without explicit class_names, a model trained by vaepipe names its classes itself (its
+    dataset.json, registered with it); models saved without one keep numeric folders."""
+    from pipelines.tracking import read_dataset_info
+
+    if config.class_names is not None:
+        return config
+    names = (read_dataset_info(config.model_dir) or {}).get("class_names")
+    if not names:
+        return config
+    import vaemodels
+
+    try:
+        model = vaemodels.load_model(config.model_dir)
+    except (FileNotFoundError, ValueError):
+        return config  # inspect_model reports it
+    if not model.is_conditional or len(names) != model.num_classes:
+        return config
+    return dataclasses.replace(config, class_names=tuple(str(n) for n in names))
 
 
 def generation_request(config: GenerateConfig, model: ModelInfo) -> dict[str, Any]:
@@ -244,6 +269,8 @@ class GenerateBlock:
                 "block_seed": pa.array(np.full(len(rows), block["seed"], np.int64)),
                 "sample_index": pa.array(sample_index[rows]),
                 "id": pa.array([ids[r] for r in rows], pa.string()),
+                "class_name": pa.array([self.class_names[label] if self.class_names and label != UNLABELLED
+                                        else None] * len(rows), pa.string()),
             }, schema=SCHEMA)
             writer.write_parquet(f"parquet/label={label}/block-{block['index']:06d}.parquet", table,
                                  **PARQUET_OPTIONS)
@@ -253,6 +280,7 @@ class GenerateBlock:
 
 def run_generation(config: GenerateConfig) -> dict[str, Any]:
     """Generate per `config` into `out` (resuming an interrupted run); returns where things are."""
+    config = with_model_class_names(config)
     model = inspect_model(config)
     out = resolve_out(config.out).resolve()
     request = generation_request(config, model)

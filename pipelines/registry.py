@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,13 @@ import numpy as np
 import torch
 
 import vaemodels
-from pipelines.tracking import FIGURES_ARTIFACT, MODEL_ARTIFACT, connect
+from pipelines import tracking
+from pipelines.tracking import FIGURES_ARTIFACT, MODEL_ARTIFACT, connect, read_dataset_info
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 CHECKSUMS_FILE = "checksums.json"
 SIGNATURE_FILE = "signature.json"
+CHECKSUMS_TAG = "checksums_sha256"  # version tag: sha256 of checksums.json, so a rewrite of weights + checksums shows
 # metrics where smaller is better; everything else (elbo, log-likelihood, accuracy, ...) is larger-is-better
 LOWER_IS_BETTER = ("loss", "recon", "kl", "fid", "anomaly_score")
 
@@ -40,14 +41,14 @@ def metric_mode(metric: str) -> str:
 
 def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast (bounded time) when an HTTP tracking server does not answer, naming the URI."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s) as response:
-            response.read()
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        raise RegistryError(f"cannot reach the MLflow tracking server at {tracking_uri} "
-                            f"(no answer within {timeout_s:.0f} s: {exc})") from None
+    tracking.check_reachable(tracking_uri, timeout_s, error=RegistryError)
+
+
+def check_model_name(name: str) -> None:
+    """MLflow's rules for registered-model names, checked before anything is uploaded."""
+    if not name.strip() or any(c in name for c in "/:") or name in (".", ".."):
+        raise RegistryError(f"invalid registered model name {name!r}: it must be non-empty and contain "
+                            "no '/' or ':' (e.g. digits-cvae)")
 
 
 def file_checksums(folder: Path) -> dict[str, str]:
@@ -78,17 +79,23 @@ class RegisterRequest:
 
 
 def register_run(request: RegisterRequest, extra_metrics: dict[str, float] | None = None) -> dict[str, Any]:
-    """Register run `run_id`'s model as a new version; returns name, version, aliases and the decision."""
+    """Register run `run_id`'s model as a new version; returns name, version, aliases and the decision.
+    A run already registered under the name is not registered twice: its version is returned."""
+    check_model_name(request.name)
     check_reachable(request.tracking_uri)
-    client = connect(request.tracking_uri)
+    client = connect(request.tracking_uri, must_exist=True)
     try:
         run = client.get_run(request.run_id)
     except Exception as exc:  # mlflow raises MlflowException subclasses
-        raise RegistryError(f"no MLflow run {request.run_id!r} at {request.tracking_uri}: {exc}") from None
+        raise RegistryError(f"no MLflow run {request.run_id!r} at {request.tracking_uri}: "
+                            f"{str(exc).splitlines()[0]}") from None
     metrics = {**run.data.metrics, **(extra_metrics or {})}
     if request.metric not in metrics:
         raise RegistryError(f"run {request.run_id} has no metric {request.metric!r} "
                             f"(it has: {', '.join(sorted(metrics)) or 'none'})")
+    existing = _version_of_run(client, request.name, request.run_id)
+    if existing is not None:
+        return _already_registered(client, request, existing, metrics[request.metric])
     with tempfile.TemporaryDirectory() as tmp:
         folder = _download(request.tracking_uri, f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", Path(tmp) / "dl",
                            f"run {request.run_id} has no {MODEL_ARTIFACT}/ artifact (did training finish?)")
@@ -98,8 +105,10 @@ def register_run(request: RegisterRequest, extra_metrics: dict[str, float] | Non
             if iwae is not None:
                 metrics["iwae_log_likelihood"] = iwae
                 client.log_metric(request.run_id, "iwae_log_likelihood", iwae)
+        dataset = read_dataset_info(folder) or _dataset_info_from_run(folder, run.data.params.get("data"))
         (folder / SIGNATURE_FILE).write_text(json.dumps(model_signature(model), indent=2) + "\n")
-        (folder / CHECKSUMS_FILE).write_text(json.dumps(file_checksums(folder), indent=2) + "\n")
+        checksums = json.dumps(file_checksums(folder), indent=2) + "\n"
+        (folder / CHECKSUMS_FILE).write_text(checksums)
         client.log_artifacts(request.run_id, str(folder), MODEL_ARTIFACT)
     source = f"{run.info.artifact_uri}/{MODEL_ARTIFACT}"
 
@@ -108,11 +117,14 @@ def register_run(request: RegisterRequest, extra_metrics: dict[str, float] | Non
     except Exception:
         client.create_registered_model(request.name, description="vaepipe model (pickle-free: safetensors + config)")
     key_metrics = {k: v for k, v in metrics.items() if k.startswith(("val_", "iwae", "fid", "tstr", "mig"))}
+    class_names = json.dumps((dataset or {}).get("class_names"))
     tags = {
         "model_family": model.name,
-        "dataset_sha256": run.data.tags.get("dataset_sha256", ""),
+        "dataset_sha256": run.data.tags.get("dataset_sha256", "") or (dataset or {}).get("manifest_sha256", ""),
         "samples_grid": f"runs:/{request.run_id}/{FIGURES_ARTIFACT}/samples.png",
         "gate_metric": request.metric,
+        CHECKSUMS_TAG: hashlib.sha256(checksums.encode()).hexdigest(),
+        **({"class_names": class_names} if dataset and len(class_names) <= 5000 else {}),
         **{f"metric.{k}": f"{v:.6g}" for k, v in key_metrics.items()},
     }
     version = client.create_model_version(request.name, source=source, run_id=request.run_id, tags=tags)
@@ -121,24 +133,65 @@ def register_run(request: RegisterRequest, extra_metrics: dict[str, float] | Non
     return {"name": request.name, "version": int(version.version), "aliases": aliases, **decision}
 
 
+def _version_of_run(client, name: str, run_id: str):
+    """The version of `name` registered from `run_id`, if any (None when the name is new)."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except Exception:
+        return None
+    found = [v for v in versions if v.run_id == run_id]
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _already_registered(client, request: RegisterRequest, version, value: float) -> dict[str, Any]:
+    """Re-registering a run adds no duplicate version; --force still makes that version champion."""
+    if request.force:
+        decision = _gate(client, request, str(version.version), value)
+        aliases = sorted(client.get_model_version(request.name, version.version).aliases)
+        return {"name": request.name, "version": int(version.version), "aliases": aliases, **decision}
+    reason = f"run {request.run_id} is already version {version.version} of {request.name}"
+    aliases = sorted(client.get_model_version(request.name, version.version).aliases)
+    print(f"[register] {request.name} v{version.version}: already registered ({reason})", file=sys.stderr)
+    return {"name": request.name, "version": int(version.version), "aliases": aliases,
+            "decision": "already_registered", "reason": reason, "metric": request.metric, "value": value,
+            "champion_value": None}
+
+
+def _dataset_info_from_run(folder: Path, data: str | None) -> dict[str, Any] | None:
+    """Runs trained before models carried dataset.json: recover it from the run's dataset, if readable."""
+    if not data:
+        return None
+    from pipelines.data import read_manifest
+
+    try:
+        manifest = read_manifest(data)
+    except (ValueError, OSError) as exc:
+        print(f"[register] the model will carry no class names: {exc}", file=sys.stderr)
+        return None
+    tracking.write_dataset_info(folder, manifest)
+    return read_dataset_info(folder)
+
+
 def _gate(client, request: RegisterRequest, version: str, value: float) -> dict[str, Any]:
-    """New versions are `challenger`; `champion` only if better on the metric (or none yet, or --force)."""
+    """New versions are `challenger`; `champion` only if strictly better on the metric (or none yet,
+    or --force). Compared at full precision: the champion's run metric, not the rounded tag."""
     mode = metric_mode(request.metric)
     try:
         champion = client.get_model_version_by_alias(request.name, CHAMPION)
-        champion_value = float(champion.tags.get(f"metric.{request.metric}", "nan"))
     except Exception:
-        champion, champion_value = None, None
+        champion = None
+    champion_value = None if champion is None else _champion_value(client, champion, request.metric)
     if champion is None:
         promote, reason = True, "no champion yet"
     elif request.force:
         promote, reason = True, "forced"
         print(f"[register] WARNING: --force promotes version {version} to {CHAMPION} over version "
-              f"{champion.version} ({request.metric} {value:.6g} vs {champion_value:.6g})", file=sys.stderr)
+              f"{champion.version} ({request.metric} {value!r} vs {champion_value!r})", file=sys.stderr)
     else:
         better = value > champion_value if mode == "max" else value < champion_value
-        promote = bool(better) or np.isnan(champion_value)
-        reason = f"{request.metric} {value:.6g} {'beats' if promote else 'does not beat'} champion's {champion_value:.6g} ({mode})"
+        promote = bool(better) or math.isnan(champion_value)
+        verdict = "beats" if promote else "ties" if value == champion_value else "does not beat"
+        reason = f"{request.metric} {value!r} {verdict} champion's {champion_value!r} ({mode})"
     if promote:
         client.set_registered_model_alias(request.name, CHAMPION, version)
         aliases = client.get_registered_model(request.name).aliases
@@ -148,12 +201,26 @@ def _gate(client, request: RegisterRequest, version: str, value: float) -> dict[
         client.set_registered_model_alias(request.name, CHALLENGER, version)
     decision = "promoted" if promote else "kept_as_challenger"
     for key, val in {"gate_decision": decision, "gate_reason": reason,
-                     "gate_champion_value": "" if champion_value is None else f"{champion_value:.6g}",
-                     "gate_value": f"{value:.6g}"}.items():
+                     "gate_champion_value": "" if champion_value is None else repr(champion_value),
+                     "gate_value": repr(value)}.items():
         client.set_model_version_tag(request.name, version, key, val)
     print(f"[register] {request.name} v{version}: {decision} ({reason})", file=sys.stderr)
     return {"decision": decision, "reason": reason, "metric": request.metric, "value": value,
             "champion_value": champion_value}
+
+
+def _champion_value(client, champion, metric: str) -> float:
+    """The champion's `metric` at full precision: its run's metric (register also logs the IWAE
+    there), else its own full-precision gate tag, else the rounded display tag (older versions)."""
+    try:
+        value = client.get_run(champion.run_id).data.metrics.get(metric)
+    except Exception:
+        value = None
+    if value is None and champion.tags.get("gate_metric") == metric and champion.tags.get("gate_value"):
+        value = champion.tags["gate_value"]
+    if value is None:
+        value = champion.tags.get(f"metric.{metric}", "nan")
+    return float(value)
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -195,7 +262,7 @@ def pull(uri: str, tracking_uri: str, out: str | Path) -> tuple[vaemodels.AutoEn
     `out` must be absent, empty, or hold an earlier pull of the same version (then it is refreshed).
     """
     check_reachable(tracking_uri)
-    client = connect(tracking_uri)
+    client = connect(tracking_uri, must_exist=True)
     version = resolve_version(client, uri)
     out = Path(out)
     if out.is_dir() and any(out.iterdir()):
@@ -208,11 +275,13 @@ def pull(uri: str, tracking_uri: str, out: str | Path) -> tuple[vaemodels.AutoEn
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.pull-") as staging:
         folder = _download(tracking_uri, version.source, Path(staging),
                            f"version {version.version} of {version.name!r} has no artifacts at {version.source}")
-        verify_checksums(folder, f"{version.name} v{version.version}")
+        verify_checksums(folder, f"{version.name} v{version.version}", version.tags.get(CHECKSUMS_TAG))
         model = vaemodels.load_model(folder)
+        dataset = read_dataset_info(folder) or {}
         info = {"name": version.name, "version": int(version.version), "aliases": sorted(version.aliases),
                 "run_id": version.run_id, "path": str(out.resolve()), "model_family": model.name,
-                "model_uri": uri, "dataset_sha256": version.tags.get("dataset_sha256", "")}
+                "model_uri": uri, "dataset_sha256": version.tags.get("dataset_sha256", ""),
+                "class_names": dataset.get("class_names")}
         (folder / "registry.json").write_text(json.dumps(info, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -245,10 +314,15 @@ def iwae_on_validation(model, data: str | None, num_samples: int = 256, k: int =
     return float(model.log_likelihood(x, k=k, labels=known).mean())
 
 
-def verify_checksums(folder: Path, label: str) -> None:
+def verify_checksums(folder: Path, label: str, checksums_sha256: str | None = None) -> None:
+    """Every file against checksums.json, and checksums.json against the digest recorded in the
+    version's tags at registration (versions registered before that tag existed have none)."""
     expected_file = folder / CHECKSUMS_FILE
     if not expected_file.is_file():
         raise RegistryError(f"{label}: {CHECKSUMS_FILE} is missing; the version was not registered by vaepipe")
+    if checksums_sha256 and hashlib.sha256(expected_file.read_bytes()).hexdigest() != checksums_sha256:
+        raise RegistryError(f"{label}: {CHECKSUMS_FILE} does not match the digest recorded at registration "
+                            "(artifacts rewritten after registration); re-register the run")
     expected = json.loads(expected_file.read_text())
     actual = file_checksums(folder)
     missing = sorted(set(expected) - set(actual))

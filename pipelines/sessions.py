@@ -127,10 +127,18 @@ class RayTrainSession(Session):
 
 
 class RayTuneSession(Session):
-    """Inside a Ray Tune function trainable: one worker, a result per epoch for the scheduler."""
+    """Inside a Ray Tune function trainable: one worker, a result per epoch for the scheduler.
 
-    def __init__(self, use_gpu: bool = False):
+    Tune checks that every result holds the search metric and aborts the whole search otherwise;
+    the loop's mid-epoch checkpoints carry train metrics only, so only results holding `metric`
+    (the epoch ends) reach Tune. A trial is not resumed mid-epoch, so those checkpoints are not lost.
+    """
+
+    def __init__(self, use_gpu: bool = False, metric: str | None = None):
         self._use_gpu = use_gpu
+        self.metric = metric
+        self.reported = 0  # results handed to Tune
+        self.seen_keys: set[str] = set()  # every key the loop reported (names a mistyped metric)
 
     def device(self) -> torch.device:
         return torch.device("cuda" if self._use_gpu and torch.cuda.is_available() else "cpu")
@@ -143,5 +151,9 @@ class RayTuneSession(Session):
     def report(self, metrics, checkpoint_dir):
         import ray.tune
 
+        self.seen_keys.update(metrics)
+        if self.metric is not None and self.metric not in metrics:
+            return
         checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.tune.report(metrics, checkpoint=checkpoint)
+        self.reported += 1

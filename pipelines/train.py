@@ -55,6 +55,10 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None) -> dict[
     if config.train.batch_size > manifest.num_samples("train") // max(1, config.scaling.workers):
         raise ConfigError(f"train.batch_size={config.train.batch_size} is larger than each worker's share of "
                           f"the {manifest.num_samples('train')} training samples")
+    if manifest.num_samples("val") < config.scaling.workers:
+        # without val metrics there is no val_elbo for `register`'s champion gate or `tune` to compare
+        raise ConfigError(f"{manifest.location} has {manifest.num_samples('val')} val samples, fewer than the "
+                          f"{config.scaling.workers} worker(s); rebuild it with --val-fraction > 0")
     root = storage_root(config)
     run_name = config.name or f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = start_run(config.tracking_uri(), config.tracking.experiment, run_name, config.to_dict(),

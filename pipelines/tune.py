@@ -55,6 +55,10 @@ def run_search(config: TuneConfig) -> dict[str, Any]:
     if base.train.batch_size > manifest.num_samples("train"):
         raise ConfigError(f"base.train.batch_size={base.train.batch_size} is larger than the "
                           f"{manifest.num_samples('train')} training samples")
+    check_axes_fit_model(config)
+    if config.search.metric.startswith("val_") and manifest.num_samples("val") == 0:
+        raise ConfigError(f"search.metric {config.search.metric} needs validation data, but {manifest.location} "
+                          "has no val samples; rebuild it with --val-fraction > 0")
     root = search_root(config)
     name = config.name or f"tune-{base.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracking_uri = base.tracking_uri()
@@ -65,7 +69,8 @@ def run_search(config: TuneConfig) -> dict[str, Any]:
     try:
         ensure_ray()
         trainable = tune.with_parameters(train_trial, base=_trial_base(base, root, tracking_uri),
-                                         parent_run_id=parent_run_id, search_name=name)
+                                         parent_run_id=parent_run_id, search_name=name,
+                                         metric=config.search.metric)
         resources = {"cpu": config.cpus_per_trial, **({"gpu": 1} if base.scaling.use_gpu else {})}
         tuner = tune.Tuner(
             tune.with_resources(trainable, resources),
@@ -112,7 +117,8 @@ def run_search(config: TuneConfig) -> dict[str, Any]:
     return result
 
 
-def train_trial(point: dict[str, Any], base: dict[str, Any], parent_run_id: str, search_name: str) -> None:
+def train_trial(point: dict[str, Any], base: dict[str, Any], parent_run_id: str, search_name: str,
+                metric: str = "val_elbo") -> None:
     """One Tune trial: base + grid point -> TrainConfig -> its own child MLflow run -> the training loop."""
     from ray import tune
 
@@ -138,7 +144,11 @@ def train_trial(point: dict[str, Any], base: dict[str, Any], parent_run_id: str,
             raise error
         manifest = read_manifest(config.data)
         validate_model_params(config, manifest.image_shape, manifest.num_classes or None)
-        run_loop({**config.to_dict(), "mlflow_run_id": run_id}, RayTuneSession(config.scaling.use_gpu))
+        session = RayTuneSession(config.scaling.use_gpu, metric=metric)
+        run_loop({**config.to_dict(), "mlflow_run_id": run_id}, session)
+        if not session.reported:
+            raise SearchError(f"the training loop never reported the search metric {metric!r} (it reported: "
+                              f"{', '.join(sorted(session.seen_keys)) or 'nothing'}); set --metric to one of them")
         status = "FINISHED"
     except SystemExit:
         # ASHA stopped this trial: Tune raises SystemExit inside the report call, and the process
@@ -151,6 +161,26 @@ def train_trial(point: dict[str, Any], base: dict[str, Any], parent_run_id: str,
     finally:
         if status is not None:
             end_run(tracking_uri, run_id, status)
+
+
+def check_axes_fit_model(config: TuneConfig) -> None:
+    """Refuse, before Ray starts, a grid over a model param the family does not have (e.g. --beta
+    for vae): every trial would fail. Bad values of a real param fail in their own trial only."""
+    import dataclasses
+
+    import vaemodels
+
+    family = config.base.model.name
+    if family not in vaemodels.MODELS:
+        raise ConfigError(f"base.model.name: unknown model {family!r} (see `vaepipe models`)")
+    fields = {f.name for f in dataclasses.fields(vaemodels.MODELS[family].config_class)}
+    prefix = "model.params."
+    for key in config.axes():
+        if key.startswith(prefix) and key[len(prefix):] not in fields:
+            flag = {dotted: f"--{name.replace('_', '-')}" for name, dotted in AXES.items()}.get(key, f"search.extra.{key}")
+            raise ConfigError(f"{flag}: the {family!r} model has no parameter {key[len(prefix):]!r} "
+                              f"(its parameters: {', '.join(sorted(fields))}); choose a family that has it, "
+                              "e.g. --model beta_vae, or drop the axis")
 
 
 def _trial_base(base: TrainConfig, root: str, tracking_uri: str) -> dict[str, Any]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipelines.data.manifest import FORMAT_VERSION, MANIFEST_NAME, file_sha256
-from pipelines.data.sources import ImageSource, SourceError, open_source
+from pipelines.data.sources import ImageSource, SourceError, check_image_size, open_source
 
 ENCODE_CHUNK = 1024  # images fetched (rendered/resized) at a time
 
@@ -103,16 +105,16 @@ def _write_split(source: ImageSource, split: str, indices: np.ndarray, folder: P
 def build_dataset(config: BuildConfig) -> dict[str, Any]:
     """Build shards + manifest at `config.out`; returns the manifest dict."""
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise SourceError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
-        raise SourceError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
+    check_out(config, out)
+    check_image_size(config.image_size, ENCODE_CHUNK)
     source = open_source(config.source, config.limit, config.seed, config.image_size)
     splits = split_indices(source.num_samples, config.val_fraction, config.seed)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    remove_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out, 'building')}-", dir=out.parent))
     try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700: the dataset must be readable by others
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "source": config.source,
@@ -139,9 +141,89 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
 def _swap_into_place(staging: Path, out: Path) -> None:
     """Rename the finished build to `out`; an old `out` is removed only after the new one is in place."""
     if out.exists():
-        retired = out.with_name(f".{out.name}.old-{os.getpid()}")
+        retired = out.with_name(_staging_prefix(out, "old"))
         out.rename(retired)
         staging.rename(out)
         shutil.rmtree(retired, ignore_errors=True)
     else:
         staging.rename(out)
+
+
+# -- what --out may be, and the staging folders of killed builds ----------------------------------
+
+DATASET_ENTRIES = {MANIFEST_NAME, "train", "val"}  # everything a build writes into its folder
+
+
+def check_out(config: BuildConfig, out: Path) -> None:
+    """Refuse an --out that would destroy data vaepipe did not write: the source itself or a folder
+    holding it, or a non-empty folder that is not a vaepipe dataset (--overwrite replaces only those)."""
+    if out.exists() and not out.is_dir():
+        raise SourceError(f"--out {out} exists and is not a folder")
+    kind, sep, path = config.source.partition(":")
+    if sep and kind in ("imagefolder", "npz") and path:
+        source, target = Path(path).resolve(), out.resolve()
+        if source == target or target in source.parents:
+            raise SourceError(f"--out {out} is or contains the source {path}; write the dataset to another folder")
+        if kind == "imagefolder" and source in target.parents:
+            raise SourceError(f"--out {out} is inside the imagefolder source {path}, where it would become a "
+                              "class folder; write the dataset outside it")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not _is_dataset(out):
+        raise SourceError(f"--out {out} is not empty and holds no vaepipe dataset (no vaepipe {MANIFEST_NAME}); "
+                          "vaepipe only replaces folders it built: choose a new or empty folder")
+    foreign = [name for name in entries if name not in DATASET_ENTRIES]
+    if foreign:
+        raise SourceError(f"--out {out} holds a vaepipe dataset but also {', '.join(foreign[:5])}, which the "
+                          "build did not write; move them out or choose another folder")
+    if not config.overwrite:
+        raise SourceError(f"--out {out} already exists and is not empty; pass --overwrite to replace its "
+                          "vaepipe dataset once the new build is complete")
+
+
+def _is_dataset(folder: Path) -> bool:
+    try:
+        data = json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "format_version" in data and isinstance(data.get("splits"), dict)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _staging_prefix(out: Path, what: str) -> str:
+    """`.NAME.building-HOST-PID` (and `.old-`): names a build's temporaries by who made them, so a
+    later build can tell a killed build's leftovers from one still running."""
+    return f".{out.name}.{what}-{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Delete what killed builds of `out` left beside it: only folders named like our staging
+    folders, made on this host by a process that no longer runs. Returns what was removed."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(building|old)-{re.escape(socket.gethostname())}-(\d+)(-\w+)?$")
+    removed = []
+    for path in out.parent.iterdir():
+        match = pattern.match(path.name)
+        if not match or not path.is_dir() or path.is_symlink() or _running(int(match.group(2))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+        print(f"[data] removed {path.name}, left by a build that was killed", file=sys.stderr)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True

@@ -6,6 +6,7 @@ Not here: splitting, shard writing, manifests (see build.py).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,7 @@ from PIL import Image
 from pipelines.data import shapes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+MAX_IMAGE_SIZE = 4096  # --image-size bound: PNG encoding and training far beyond this are not what vaepipe is for
 
 
 class SourceError(ValueError):
@@ -37,6 +39,25 @@ class ImageSource:
     def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(images uint8 (n, H, W, C), labels int64 (n,), factor values float32 (n, F) or None)."""
         return self._fetch(np.asarray(indices))
+
+
+def check_image_size(image_size: int | None, images_at_once: int) -> None:
+    """Refuse an --image-size whose working set (images_at_once RGB images, held twice while
+    resizing) would not fit in this machine's memory, with the estimate, before any work."""
+    if image_size is None:
+        return
+    if image_size < 2:
+        raise SourceError(f"--image-size must be >= 2, got {image_size}")
+    needed = 2 * images_at_once * image_size * image_size * 3
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    if image_size > MAX_IMAGE_SIZE or (memory and needed > memory // 2):
+        have = f"; this machine has {memory / 2**30:.1f} GiB" if memory else ""
+        raise SourceError(f"--image-size {image_size} is too large: building needs about {needed / 2**30:.1f} GiB "
+                          f"for {images_at_once} images at a time{have}; use at most {MAX_IMAGE_SIZE} and less "
+                          "than half the memory")
 
 
 def _resize(images: np.ndarray, image_size: int | None) -> np.ndarray:
@@ -107,11 +128,17 @@ def npz_source(path: str, limit: int | None, image_size: int | None) -> ImageSou
     file = Path(path)
     if not file.is_file():
         raise SourceError(f"npz source: no such file {path!r}")
-    with np.load(file, allow_pickle=False) as arrays:
-        if "x" not in arrays:
-            raise SourceError(f"npz source {path!r} has no array 'x' (found: {', '.join(arrays.files)})")
-        x = arrays["x"]
-        y = arrays["y"] if "y" in arrays else None
+    try:
+        with np.load(file, allow_pickle=False) as arrays:
+            if "x" not in arrays:
+                raise SourceError(f"npz source {path!r} has no array 'x' (found: {', '.join(arrays.files)})")
+            x = arrays["x"]
+            y = arrays["y"] if "y" in arrays else None
+    except SourceError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, ValueError, OSError, EOFError: numpy raises many
+        raise SourceError(f"npz source {path!r} cannot be read ({type(exc).__name__}: {exc}); "
+                          "write it with numpy.savez") from None
     if x.dtype != np.uint8 or x.ndim not in (3, 4):
         raise SourceError(f"npz source {path!r}: 'x' must be uint8 (N, H, W[, C]), got {x.dtype} {x.shape}")
     if x.ndim == 3:
@@ -123,10 +150,11 @@ def npz_source(path: str, limit: int | None, image_size: int | None) -> ImageSou
     else:
         if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
             raise SourceError(f"npz source {path!r}: 'y' must be {len(x)} integers, got {y.dtype} {y.shape}")
-        if len(y) and y.min() < 0:
-            raise SourceError(f"npz source {path!r}: labels in 'y' must be >= 0")
+        if len(y) and y.min() < -1:
+            raise SourceError(f"npz source {path!r}: labels in 'y' must be >= 0, or -1 for an unlabelled sample")
         labels = y.astype(np.int64)
-        class_names = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) else []
+        # -1 marks unlabelled samples (partly labelled data, e.g. for ssvae); classes are 0..max
+        class_names = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) and labels.max() >= 0 else []
     return _array_source(f"npz:{path}", x, labels, class_names, image_size, limit)
 
 
@@ -137,10 +165,17 @@ def imagefolder_source(path: str, limit: int | None, image_size: int | None) -> 
         raise SourceError(f"imagefolder source: no such folder {path!r}")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
     files: list[tuple[Path, int]] = []
+    empty = []
     for label, class_dir in enumerate(class_dirs):
-        files += [(f, label) for f in sorted(class_dir.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        found = [(f, label) for f in sorted(class_dir.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not found:
+            empty.append(class_dir.name)
+        files += found
     if not files:
         raise SourceError(f"imagefolder source {path!r} holds no PNG/JPEG images in class sub-folders")
+    if empty:  # it would be a class with no samples, which no model can learn or generate well
+        raise SourceError(f"imagefolder source {path!r}: class folder(s) {', '.join(map(repr, empty))} hold no "
+                          "PNG/JPEG images; add images or remove the folder(s)")
     if limit is not None:
         files = files[:limit]
     sizes, modes = set(), set()
@@ -187,6 +222,8 @@ def open_source(spec: str, limit: int | None = None, seed: int = 0, image_size: 
         raise SourceError(f"--limit must be >= 1, got {limit}")
     if image_size is not None and image_size < 2:
         raise SourceError(f"--image-size must be >= 2, got {image_size}")
+    if image_size is not None and image_size > MAX_IMAGE_SIZE:
+        check_image_size(image_size, 1)
     if spec in BUILTIN_SOURCES:
         return BUILTIN_SOURCES[spec](limit, seed, image_size)
     kind, sep, path = spec.partition(":")

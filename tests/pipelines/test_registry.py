@@ -83,11 +83,12 @@ def test_gate_promotes_better_and_keeps_worse_as_challenger(mlflow_server, runs,
     assert v2.tags["gate_decision"] == "kept_as_challenger"
     assert float(v2.tags["gate_champion_value"]) == pytest.approx(first["value"], rel=1e-4)
     assert v2.tags["dataset_sha256"] == "d" * 64 and "metric.iwae_log_likelihood" in v2.tags
-    # --force promotes anyway, loudly
+    # --force promotes anyway, loudly; the run is already version 2, so no duplicate version is made
     assert main(["register", "--run", runs["bad"], "--name", "digits-cvae", "--tracking-uri", uri, "--force"]) == 0
     out, err = capsys.readouterr()
     forced = json.loads(out.strip().splitlines()[-1])
-    assert forced["version"] == 3 and forced["aliases"] == ["champion"] and "WARNING: --force" in err
+    assert forced["version"] == 2 and forced["aliases"] == ["champion"] and "WARNING: --force" in err
+    assert len(client.search_model_versions("name = 'digits-cvae'")) == 2
 
 
 def test_pull_from_server_loads_a_ready_model(mlflow_server, runs, tmp_path):
@@ -96,7 +97,8 @@ def test_pull_from_server_loads_a_ready_model(mlflow_server, runs, tmp_path):
     model, info = pull("models:/pull-me@champion", uri, tmp_path / "m")
     assert info["version"] == 1 and info["model_family"] == "cvae"
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
-        "checksums.json", "config.json", "model.safetensors", "registry.json", "signature.json"]
+        "checksums.json", "config.json", "dataset.json", "model.safetensors", "registry.json", "signature.json"]
+    assert info["class_names"] == [str(d) for d in range(10)]  # the digits dataset's, carried by the model
     images = model.sample(10, labels=torch.arange(10), generator=torch.Generator().manual_seed(0))
     assert images.shape == (10, 1, 8, 8) and 0 <= images.min() and images.max() <= 1
     signature = json.loads((tmp_path / "m" / "signature.json").read_text())

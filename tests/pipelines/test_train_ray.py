@@ -43,7 +43,8 @@ def test_two_workers_learn_and_log_to_mlflow(ray_session, shapes_dataset, tmp_pa
     artifacts = {a.path for a in client.list_artifacts(result["run_id"], "figures")}
     assert artifacts == {"figures/samples.png", "figures/reconstructions.png", "figures/interpolation.png"}
     assert {a.path for a in client.list_artifacts(result["run_id"], "model")} == {"model/config.json",
-                                                                                 "model/model.safetensors"}
+                                                                                 "model/model.safetensors",
+                                                                                 "model/dataset.json"}
 
 
 def _train_worker_pids(started_after: float):

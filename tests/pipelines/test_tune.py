@@ -110,7 +110,8 @@ def test_grid_search_with_asha_tracks_parent_and_children(ray_session, digits_da
         figures = {a.path for a in client.list_artifacts(t["run_id"], "figures")}
         assert figures == {"figures/samples.png", "figures/reconstructions.png", "figures/interpolation.png"}
         assert {a.path for a in client.list_artifacts(t["run_id"], "model")} == {"model/config.json",
-                                                                                 "model/model.safetensors"}
+                                                                                 "model/model.safetensors",
+                                                                                 "model/dataset.json"}
 
     artifacts = {a.path for a in client.list_artifacts(result["parent_run_id"])}
     assert {"search_results.csv", "search_results.parquet", "objective_heatmap.png"} <= artifacts
