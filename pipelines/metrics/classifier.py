@@ -32,17 +32,20 @@ def input_pool(input_shape: tuple[int, int, int]) -> int:
     return max(1, -(-max(input_shape[1:]) // MAX_SIDE))
 
 
-def stage_channels(input_shape: tuple[int, int, int]) -> tuple[int, ...]:
-    """Channels per stride-2 stage: enough stages to bring the (pooled) larger side to <= MIN_SIDE."""
-    side, stages = max(input_shape[1:]) // input_pool(input_shape), []
-    while side > MIN_SIDE or not stages:
-        stages.append(min(MAX_CHANNELS, STEM_CHANNELS * 2 ** len(stages)))
+def stage_channels(input_shape: tuple[int, int, int]) -> tuple[tuple[int, int], ...]:
+    """(channels, stride) per stage: stride-2 stages until the (pooled) larger side is <= MIN_SIDE,
+    and at least two stages, small images (8 x 8 digits) getting stride-1 ones first, so every
+    trunk ends with MAX_CHANNELS features computed over a few pixels' context."""
+    side, strides = max(input_shape[1:]) // input_pool(input_shape), []
+    while side > MIN_SIDE:
+        strides.append(2)
         side = (side + 1) // 2
-    return tuple(stages)
+    strides = [1] * max(0, 2 - len(strides)) + strides
+    return tuple((min(MAX_CHANNELS, STEM_CHANNELS * 2 ** i), stride) for i, stride in enumerate(strides))
 
 
 class ReferenceClassifier(nn.Module):
-    """Per stage: stride-2 conv -> BatchNorm -> ReLU -> 3x3 conv -> BatchNorm -> ReLU; then global
+    """Per stage: strided conv -> BatchNorm -> ReLU -> 3x3 conv -> BatchNorm -> ReLU; then global
     average pooling (what an object is, not where it is) -> features -> linear class head.
 
     Native resolution up to 32 px (small-image detail, a 4's open top, is what tells classes apart);
@@ -56,8 +59,8 @@ class ReferenceClassifier(nn.Module):
         self.input_shape, self.num_classes = tuple(input_shape), num_classes
         self.pool = input_pool(self.input_shape)
         layers, previous = [], input_shape[0]
-        for channels in stage_channels(self.input_shape):
-            layers += [nn.Conv2d(previous, channels, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(channels),
+        for channels, stride in stage_channels(self.input_shape):
+            layers += [nn.Conv2d(previous, channels, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(channels),
                        nn.ReLU(inplace=True),
                        nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
                        nn.ReLU(inplace=True)]
