@@ -214,9 +214,11 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
             notes["fidelity"] = (f"{len(synthetic.images)} synthetic vs {len(unseen)} real images the reference "
                                  "classifier did not train on (val + its early-stopping split)")
             metrics.update(memorisation(synthetic.images, train.images, val.images))
-            useful, details["cas_per_class"], notes_useful, omitted_useful = usefulness_metrics(
+            useful, per_class, notes_useful, omitted_useful = usefulness_metrics(
                 synthetic, fit, val, holdout, num_classes, manifest.class_names, metrics["trtr_accuracy"], config)
             metrics.update(useful)
+            if per_class:
+                details["cas_per_class"] = per_class
             notes.update(notes_useful)
             omitted.update(omitted_useful)
         _log(f"classifier metrics done ({time.perf_counter() - started:.1f}s)")
