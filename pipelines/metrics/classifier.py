@@ -108,7 +108,7 @@ def default_max_shift(input_shape: tuple[int, int, int]) -> int:
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 2000,
                      batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                      holdout: tuple[torch.Tensor, torch.Tensor] | None = None, eval_every: int = 50,
-                     patience: int = 5, max_shift: int | None = None) -> ReferenceClassifier:
+                     patience: int = 6, max_shift: int | None = None) -> ReferenceClassifier:
     """`fit_classifier` without the report."""
     return fit_classifier(images, labels, num_classes, steps, batch_size, lr, seed, holdout, eval_every, patience,
                           max_shift)[0]
@@ -117,7 +117,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
 def fit_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 2000,
                    batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                    holdout: tuple[torch.Tensor, torch.Tensor] | None = None, eval_every: int = 50,
-                   patience: int = 5, max_shift: int | None = None) -> tuple[ReferenceClassifier, FitReport]:
+                   patience: int = 6, max_shift: int | None = None) -> tuple[ReferenceClassifier, FitReport]:
     """Train a fresh classifier on seeded, shifted minibatches for at most `steps` Adam steps.
 
     With `holdout` (real images the metrics never test on), accuracy on it is checked every
