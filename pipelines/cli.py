@@ -343,11 +343,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             iwae_subset=args.iwae_subset, seeds=args.seeds, max_real=args.max_real,
             num_synthetic=args.num_synthetic, held_out_class=args.held_out_class, seed=args.seed,
             tracking_uri=args.tracking_uri if args.run_id else None, run_id=args.run_id,
+            classifier_steps=args.classifier_steps, reliability_floor=args.reliability_floor,
+            augmentation_fractions=tuple(args.augmentation_fractions),
         )
         result = run_evaluation(config)
     emit({**result["metrics"], "model": args.model, "registry": registry, "out": result["out"],
           "metrics_path": result["metrics_path"], "report": result["report"], "notes": result["notes"],
-          "non_finite": result["non_finite"], "seconds": result["seconds"]})
+          "non_finite": result["non_finite"], "reliability": result["reliability"], "omitted": result["omitted"],
+          "reference_classifier": result["reference_classifier"], "seconds": result["seconds"]})
     return 0
 
 
@@ -609,6 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: train a copy of the family without the highest class)")
     evaluate.add_argument("--seed", type=int, default=0,
                           help="seed for sampling, classifiers and subsets (default 0)")
+    evaluate.add_argument("--classifier-steps", type=int, default=2000,
+                          help="at most N Adam steps per classifier; early stopping on a split of real train "
+                               "usually ends sooner (default 2000)")
+    evaluate.add_argument("--augmentation-fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0], metavar="F",
+                          help="shares of real train the augmentation gain is measured at (default 0.01 0.1 1.0)")
+    evaluate.add_argument("--reliability-floor", type=float, default=0.9,
+                          help="reference-classifier val accuracy below which classifier-based metrics are "
+                               "marked unreliable (default 0.9)")
     evaluate.add_argument("--run-id", help="MLflow run to log the metrics and OUT/ (under evaluation/) into")
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -1,6 +1,8 @@
 """The quality metrics on inputs whose answers are known: FID of a set against itself and against
 closed-form Gaussians, PRDC on hand-made point clouds, MIG of the true shapes factors against
-random codes, TSTR with real data standing in for synthetic, and held-out-digit anomaly detection."""
+random codes, the reference classifier and its reliability verdict, CAS and memorisation with real
+held-out data (or copies, black frames, noise) standing in for synthetic, and held-out-digit
+anomaly detection."""
 import numpy as np
 import pytest
 import torch
@@ -8,9 +10,12 @@ import torch
 import vaemodels
 from pipelines.data import read_manifest, shapes
 from pipelines.evaluate import load_split
-from pipelines.metrics import (augmentation_gain, detection_metrics, factor_gaps, frechet_distance,
-                               held_out_class_detection, mutual_information_gap, precision_recall_density_coverage,
-                               stratified_subset, train_test_accuracy)
+from pipelines.metrics import (accuracy, augmentation_gain, chance_accuracy, detection_metrics, factor_gaps,
+                               features, fit_classifier, frechet_distance, held_out_class_detection, judge,
+                               load_classifier, memorisation, mutual_information_gap, per_class_accuracy,
+                               precision_recall_density_coverage, predict_proba, save_classifier, stratified_subset,
+                               train_test_accuracy)
+from pipelines.metrics.classifier import random_shift, stage_channels
 
 
 @pytest.fixture(scope="module")
@@ -126,18 +131,24 @@ def test_tstr_on_real_data_matches_trtr(digits):
 
 
 def test_augmentation_with_real_data_helps_and_with_noise_does_not(digits):
+    """From 2% of the digits (~3 per class), adding the rest of the real train set helps a lot and
+    adding labelled noise does not; every arm stops on the same real split."""
     train, val = digits
-    held = torch.ones(len(train.labels), dtype=torch.bool)
-    held[stratified_subset(train.labels, 0.1, 0)] = False  # extra real data the seed-0 subset lacks
-    real_extra = augmentation_gain(train.images, train.labels, train.images[held], train.labels[held], val.images,
-                                   val.labels, 10, seeds=2, steps=300)
+    stop = stratified_subset(train.labels, 0.1, 5)
+    rest = torch.ones(len(train.labels), dtype=torch.bool)
+    rest[stop] = False
+    x, y, holdout = train.images[rest], train.labels[rest], (train.images[stop], train.labels[stop])
+    held = torch.ones(len(y), dtype=torch.bool)
+    held[stratified_subset(y, 0.02, 0)] = False  # extra real data the seed-0 subset lacks
+    real_extra = augmentation_gain(x, y, x[held], y[held], val.images, val.labels, 10, real_fraction=0.02, seeds=2,
+                                   steps=400, holdout=holdout)
     generator = torch.Generator().manual_seed(0)
     noise = torch.rand(1000, 1, 8, 8, generator=generator)
     noise_labels = torch.randint(0, 10, (1000,), generator=generator)
-    junk = augmentation_gain(train.images, train.labels, noise, noise_labels, val.images, val.labels, 10, seeds=2,
-                             steps=300)
-    assert real_extra["gain"] > 0.01 and len(real_extra["gains"]) == 2 and real_extra["std"] >= 0
-    assert junk["gain"] < real_extra["gain"] - 0.02
+    junk = augmentation_gain(x, y, noise, noise_labels, val.images, val.labels, 10, real_fraction=0.02, seeds=2,
+                             steps=400, holdout=holdout)
+    assert real_extra["gain"] > 0.1 and len(real_extra["gains"]) == 2 and real_extra["std"] >= 0
+    assert junk["gain"] < real_extra["gain"] - 0.1
 
 
 def test_stratified_subset_takes_a_tenth_of_every_class(digits):
@@ -175,3 +186,141 @@ def test_vae_trained_without_nines_flags_nines(digits):
                                       steps=2000, seed=0)
     assert result["auroc"] > 0.8
     assert result["average_precision"] > result["anomaly_fraction"] + 0.2
+
+
+# -- the reference classifier and whether it can judge -------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference(digits):
+    """The evaluator's recipe on digits: train on 90% of train, stop on the other 10%, test on val."""
+    train, val = digits
+    stop = stratified_subset(train.labels, 0.1, 0)
+    keep = torch.ones(len(train.labels), dtype=torch.bool)
+    keep[stop] = False
+    holdout = (train.images[stop], train.labels[stop])
+    classifier, report = fit_classifier(train.images[keep], train.labels[keep], 10, steps=1500, holdout=holdout)
+    return classifier, report, holdout, keep
+
+
+def test_reference_classifier_learns_digits_and_stops_early(digits, reference):
+    train, val = digits
+    classifier, report, holdout, _ = reference
+    assert accuracy(classifier, val.images, val.labels) >= 0.93
+    assert report.stopped_early and report.best_step < report.steps < 1500
+    assert report.holdout_accuracy == pytest.approx(accuracy(classifier, *holdout))  # the best weights were kept
+    verdict = judge(accuracy(classifier, val.images, val.labels), chance_accuracy(val.labels), 0.9, ["fid", "cas"])
+    assert verdict.reliable and verdict.affected == ("cas", "fid")
+
+
+def test_one_step_classifier_is_judged_unreliable(digits):
+    train, val = digits
+    classifier, report = fit_classifier(train.images, train.labels, 10, steps=1, holdout=(val.images, val.labels))
+    assert report.steps == 1
+    score = accuracy(classifier, val.images, val.labels)
+    verdict = judge(score, chance_accuracy(val.labels), 0.9,
+                    ["fid", "precision", "cas", "augmentation_gain_1pct", "recon", "mig"])
+    assert score < 0.5 and not verdict.reliable and "below the floor of 0.90" in verdict.reason
+    assert verdict.affected == ("augmentation_gain_1pct", "cas", "fid", "precision")  # not recon, not mig
+
+
+def test_judge_refuses_a_classifier_near_chance_even_under_a_low_floor():
+    assert judge(0.95, 0.5, 0.9, []).reliable
+    near_chance = judge(0.6, 0.5, 0.0, [])  # above a floor of 0, but closes only a fifth of the gap to 1
+    assert not near_chance.reliable and "chance" in near_chance.reason
+    assert chance_accuracy(torch.tensor([0, 0, 0, 1])) == 0.75
+
+
+def test_black_and_noise_sets_get_large_fid_low_prdc_and_chance_cas(digits, reference):
+    """Blank frames and uniform noise, labelled like a balanced conditional sample: far from real digits
+    in the reference features (FID far above real-vs-real, almost no real ball covered), and a
+    classifier trained on them guesses (CAS ~ chance). Precision is asserted for noise only: 600
+    identical black frames are one point, and k-NN precision counts it as real when it falls in the
+    ball of a single outlier digit (measured: density 0.2 = one ball of k=5, coverage 0.003), the
+    weakness Naeem et al.'s density and coverage were made for."""
+    train, val = digits
+    classifier, _, holdout, keep = reference
+    real = features(classifier, torch.cat([val.images, holdout[0]]))  # images it did not train on
+    twin = features(classifier, train.images[keep][:len(real)])  # real vs real: the scale of a good FID
+    labels = torch.arange(10).repeat_interleave(60)
+    black = torch.zeros(len(labels), 1, 8, 8)
+    noise = torch.rand(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    chance = chance_accuracy(val.labels)
+    for name, images in (("black", black), ("noise", noise)):
+        fake = features(classifier, images)
+        fid = frechet_distance(real, fake)
+        assert fid > 10 * frechet_distance(real, twin), name
+        prdc = precision_recall_density_coverage(real, fake[:len(real)])
+        assert prdc["recall"] <= 0.1 and prdc["coverage"] <= 0.1 and prdc["density"] <= 0.25, (name, prdc)
+        assert name == "black" or prdc["precision"] <= 0.2, (name, prdc)
+        cas = train_test_accuracy(images, labels, val.images, val.labels, 10, steps=300, seed=1, holdout=holdout)
+        assert cas <= chance + 0.1, (name, cas)
+
+
+def test_real_held_out_images_as_synthetic_give_cas_near_trtr_and_no_memorisation(digits):
+    """Half of train plays the training set, the other half (real, unseen) the synthetic set."""
+    train, val = digits
+    half_a = stratified_subset(train.labels, 0.5, 0)
+    rest = torch.ones(len(train.labels), dtype=torch.bool)
+    rest[half_a] = False
+    a, b = (train.images[half_a], train.labels[half_a]), (train.images[rest], train.labels[rest])
+    trtr = train_test_accuracy(*a, val.images, val.labels, 10, steps=600, seed=0)
+    cas = train_test_accuracy(*b, val.images, val.labels, 10, steps=600, seed=1)
+    assert trtr > 0.9 and abs(cas - trtr) <= 0.04
+    result = memorisation(b[0], a[0], val.images)
+    assert 0.85 <= result["memorisation_ratio"] <= 1.15
+    assert result["copy_fraction"] <= 0.02 and result["val_copy_fraction"] <= 0.02
+
+
+def test_copies_of_train_images_are_flagged(digits):
+    train, val = digits
+    exact = memorisation(train.images[:500], train.images, val.images)
+    assert exact["memorisation_ratio"] == pytest.approx(0.0, abs=1e-3) and exact["copy_fraction"] == 1.0
+    # near-exact copies: each pixel moved by ~1% of its range
+    jitter = 0.01 * torch.randn(500, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    near = memorisation((train.images[:500] + jitter).clamp(0, 1), train.images, val.images)
+    assert near["memorisation_ratio"] < 0.1 and near["copy_fraction"] >= 0.95
+    with pytest.raises(ValueError, match="image sizes differ"):
+        memorisation(torch.zeros(5, 1, 4, 4), train.images, val.images)
+    with pytest.raises(ValueError, match="exact copy in train"):
+        memorisation(val.images, train.images, train.images)
+
+
+def test_per_class_accuracy_surfaces_the_class_a_set_lacks(digits):
+    """A classifier trained without any 3s gets 0 recall on real 3s and high recall elsewhere."""
+    train, val = digits
+    keep = train.labels != 3
+    per_class = per_class_accuracy(
+        fit_classifier(train.images[keep], train.labels[keep], 10, steps=500)[0], val.images, val.labels, 10)
+    assert per_class[3] == 0.0
+    assert np.mean([v for c, v in enumerate(per_class) if c != 3]) > 0.85
+
+
+def test_saved_classifier_round_trips_without_pickle(digits, reference, tmp_path):
+    _, val = digits
+    classifier = reference[0]
+    folder = save_classifier(classifier, tmp_path / "ref", val_accuracy=0.97)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    loaded, spec = load_classifier(folder)
+    assert spec["val_accuracy"] == 0.97 and spec["input_shape"] == [1, 8, 8] and spec["num_classes"] == 10
+    assert torch.equal(predict_proba(loaded, val.images), predict_proba(classifier, val.images))
+    with pytest.raises(ValueError, match="config.json is missing"):
+        load_classifier(tmp_path / "nowhere")
+    model_dir = vaemodels.save_model(vaemodels.build("vae", (1, 8, 8), backbone="mlp", hidden_dim=8), tmp_path / "vae")
+    with pytest.raises(ValueError, match="not a reference classifier"):
+        load_classifier(model_dir)
+
+
+def test_random_shift_moves_content_and_keeps_shape():
+    image = torch.zeros(1, 1, 9, 9)
+    image[0, 0, 4, 4] = 1.0
+    shifted = random_shift(image.repeat(200, 1, 1, 1), 2, torch.Generator().manual_seed(0))
+    assert shifted.shape == (200, 1, 9, 9) and torch.equal(shifted.sum((1, 2, 3)), torch.ones(200))
+    positions = {tuple(torch.nonzero(s[0])[0].tolist()) for s in shifted}
+    assert positions == {(r, c) for r in range(2, 7) for c in range(2, 7)}  # every offset in [-2, 2]^2
+    assert torch.equal(random_shift(image, 0, torch.Generator()), image)
+
+
+def test_trunk_depth_follows_the_image_size():
+    assert stage_channels((1, 8, 8)) == ((16, 1), (32, 2))  # 8 x 8 -> 4 x 4
+    assert stage_channels((1, 28, 28)) == ((16, 2), (32, 2))  # -> 14 -> 7
+    assert stage_channels((1, 64, 64)) == ((16, 2), (32, 2), (32, 2))  # pooled to 32 x 32 first, -> 4 x 4
