@@ -16,7 +16,7 @@ import vaemodels
 from pipelines.batch_job import BlockWriter, OutputExistsError, verify_files
 from pipelines.config import ConfigError
 from pipelines.data import BuildConfig, ManifestError, ShardStream, build_dataset, read_manifest
-from pipelines.data.reader import decode_png
+from pipelines.data.reader import decode_png, read_raw_samples
 from pipelines.dataset_jobs import shard_blocks, shard_urls
 from pipelines.denoise import DenoiseBlock, DenoiseConfig, run_denoising
 from pipelines.embed import EmbedBlock, EmbedConfig, run_embedding
@@ -29,11 +29,13 @@ LATENT_DIM = 4
 
 
 def split_samples(dataset, split):
-    """Images, labels and indices of a split in shard order (what the jobs' rows must match): the
-    builder writes samples by index, the reader yields shards in a seeded order."""
-    samples = sorted(ShardStream(str(dataset), split, shuffle_buffer=0), key=lambda s: int(s["index"]))
-    return (torch.stack([s["image"] for s in samples]), torch.stack([s["label"] for s in samples]),
-            [int(s["index"]) for s in samples])
+    """Images, labels and indices of a split in stored order (what the jobs' rows must match): the
+    manifest's shards in turn, each shard's samples as written."""
+    manifest = read_manifest(str(dataset))
+    samples = [sample for shard in manifest.shards(split) for sample in read_raw_samples(shard.url, [])]
+    return (torch.stack([decode_png(s["png"]) for s in samples]),
+            torch.tensor([int(s["cls"]) for s in samples]),
+            [int(s["__key__"]) for s in samples])
 
 
 def trained(digits_dataset, tmp_path_factory, family, steps, lr, **params):
