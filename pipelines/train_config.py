@@ -53,7 +53,9 @@ class TrainSection:
     batch_size: int = 64  # per worker
     epochs: int = 5  # passes over the training split
     max_steps_per_epoch: int | None = None  # cap batches per epoch (quick runs); None = the whole split
-    checkpoint_every: int = 100  # optimizer steps between checkpoints (also one at every epoch end)
+    # optimizer steps between mid-epoch checkpoints (also one at every epoch end): at most a few
+    # minutes of CPU work redone after a failure, without writing weights every few seconds
+    checkpoint_every: int = 500
     seed: int = 0  # model init, shuffling and sampling
     loader_workers: int = 0  # DataLoader processes per worker (0 = read in the training process)
     shuffle_buffer: int = 1000  # samples held for shuffling
