@@ -59,7 +59,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     search = run_search(TuneConfig.from_dict({
         "base": {
             "data": str(shards),
-            # the model's own defaults (resconv backbone, learned class prior, cosine lr): nothing tuned here
+            # the model's own defaults (resconv backbone, learned class prior): nothing tuned here
             "model": {"name": "cvae", "params": {}},
             "train": {"epochs": config.epochs, "batch_size": 64, "max_steps_per_epoch": config.steps_per_epoch,
                       "seed": config.seed, "shuffle_buffer": 5000},

@@ -30,7 +30,7 @@ def test_bad_configs_name_the_key(data, message):
 
 
 def test_cosine_schedule_warms_up_peaks_and_decays_to_the_floor():
-    optim = TrainConfig.from_dict({"data": "x", "optim": {"lr": 1e-3, "warmup_fraction": 0.1,
+    optim = TrainConfig.from_dict({"data": "x", "optim": {"lr": 1e-3, "schedule": "cosine", "warmup_fraction": 0.1,
                                                           "min_lr_ratio": 0.05}}).optim
     lrs = [optim.lr_at(step, 100) for step in range(100)]
     assert lrs[0] == pytest.approx(1e-4)  # 10 warm-up steps: 1/10 of the peak first
