@@ -69,6 +69,7 @@ def run_loop(config: dict[str, Any], session: Session) -> dict[str, float]:
         num_batches = batches_per_epoch(loader)
         if cfg.train.max_steps_per_epoch:
             num_batches = min(num_batches, cfg.train.max_steps_per_epoch)
+        total_steps = cfg.train.epochs * num_batches  # the whole run's plan: the lr schedule spans it
         skip = state.batch if epoch == state.epoch else 0  # resuming mid-epoch: same order, skip what was done
         sums: dict[str, float] = {}
         seen, started = 0, time.perf_counter()
@@ -80,6 +81,9 @@ def run_loop(config: dict[str, Any], session: Session) -> dict[str, float]:
                 continue
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             model.set_training_step(step)
+            for opt in optimizers.values():
+                for group in opt.param_groups:
+                    group["lr"] = cfg.optim.lr_at(step, total_steps)
             with autocast:
                 out = wrapped(batch)
             total = sum(out[key] for key in model.optimizer_losses.values())

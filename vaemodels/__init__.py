@@ -51,8 +51,10 @@ def build(name: str, input_shape: tuple[int, int, int], num_classes: int | None 
 
 
 def build_from_spec(spec: dict[str, Any]) -> AutoEncoderModel:
-    """Inverse of `serialization.model_spec`."""
-    return build(spec["name"], tuple(spec["input_shape"]), spec.get("num_classes"), **spec["config"])
+    """Inverse of `serialization.model_spec`; fields the saved config predates take their legacy values."""
+    cls = model_class(spec["name"])
+    config = cls.config_class.from_saved(spec["config"])
+    return cls(config, tuple(int(d) for d in spec["input_shape"]), spec.get("num_classes"))
 
 
 __all__ = ["MODELS", "AutoEncoderModel", "ConfigError", "ModelConfig", "build", "build_from_spec",

@@ -1,13 +1,17 @@
 """Conditional VAE (Sohn, Lee & Yan, "Learning Structured Output Representation using Deep
 Conditional Generative Models", NeurIPS 2015): q(z|x,y) and p(x|z,y) both see a one-hot class y.
 
-Class-conditional generation: the prior is N(0, I) for every class (the common simplification of the
-paper's learned p(z|y)), so `sample(n, labels)` draws images of the requested classes. Needs labels.
+Class-conditional generation: by default the prior is learned per class, p(z|y) = N(mu_y, sigma_y^2)
+(the paper's prior network, for a one-hot input), so `sample(n, labels)` draws z where class y's
+codes actually live. With the plain N(0, I) prior ("standard") the encoder still puts class identity
+into z early in training (the KL saving for removing it is only ~log K nats), and prior samples then
+come out as the wrong digit. Needs labels.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -19,10 +23,9 @@ from vaemodels.common import (
     _require,
     build_decoder,
     build_encoder,
-    gaussian_kl,
+    gaussian_kl_between,
     linear_warmup,
     log_normal,
-    log_standard_normal,
     one_hot,
     reparameterize,
 )
@@ -32,9 +35,14 @@ from vaemodels.common import (
 class CVAEConfig(ModelConfig):
     kl_warmup_steps: int = 0  # steps over which the KL weight rises linearly from 0 to beta (0 = off)
     beta: float = 1.0  # KL weight in the training loss (β-weighted conditional VAE; 1 = Sohn et al.)
+    prior: str = "learned"  # p(z|y): "learned" N(mu_y, sigma_y^2) per class, or "standard" N(0, I) for all
+
+    # models saved before `prior` existed used the standard normal prior
+    legacy_defaults: ClassVar[dict[str, Any]] = {"prior": "standard"}
 
     def _check(self) -> None:
         super()._check()
+        _require(self.prior in ("learned", "standard"), self, "prior", "must be 'learned' or 'standard'")
         _require(self.kl_warmup_steps >= 0, self, "kl_warmup_steps", "must be >= 0")
         _require(self.beta >= 0, self, "beta", "must be >= 0")
 
@@ -51,6 +59,10 @@ class CVAE(VariationalModel):
         self.posterior = nn.Linear(self.encoder.feature_dim + num_classes, 2 * config.latent_dim)
         self.decoder = build_decoder(config, self.input_shape, config.latent_dim + num_classes)
         self.likelihood = DecoderLikelihood(config.likelihood, self.input_shape[0], config.gaussian_std)
+        if config.prior == "learned":
+            # (mu_y, log sigma_y^2) per class; zeros = N(0, I), so training starts from the standard prior
+            self.class_prior = nn.Embedding(num_classes, 2 * config.latent_dim)
+            nn.init.zeros_(self.class_prior.weight)
 
     def kl_weight(self) -> float:
         """Weight on the KL term in the training loss (the ELBO itself always uses 1)."""
@@ -60,6 +72,14 @@ class CVAE(VariationalModel):
     def _posterior(self, x: torch.Tensor, labels: torch.Tensor):
         features = torch.cat([self.encoder(x), one_hot(labels, self.num_classes)], dim=1)
         mu, logvar = self.posterior(features).chunk(2, dim=1)
+        return mu, logvar.clamp(-12.0, 8.0)
+
+    def _prior(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of p(z|y), each B x latent_dim."""
+        if self.config.prior == "standard":
+            zeros = torch.zeros(len(labels), self.config.latent_dim, device=labels.device)
+            return zeros, zeros
+        mu, logvar = self.class_prior(labels).chunk(2, dim=1)
         return mu, logvar.clamp(-12.0, 8.0)
 
     def _decoder_params(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -91,7 +111,7 @@ class CVAE(VariationalModel):
         mu, logvar = self._posterior(x, labels)
         z = reparameterize(mu, logvar)
         log_px = self.likelihood.log_prob(x, self._decoder_params(z, labels))
-        kl = gaussian_kl(mu, logvar)
+        kl = gaussian_kl_between(mu, logvar, *self._prior(labels))
         recon = -log_px.mean()
         kl_mean = kl.mean()
         return {
@@ -108,7 +128,8 @@ class CVAE(VariationalModel):
         z = mu + torch.exp(0.5 * logvar) * torch.randn((num_samples, *mu.shape), device=mu.device)
         params = self._decoder_params(z.flatten(0, 1), labels.repeat(num_samples))
         log_px = self.likelihood.log_prob(x.repeat(num_samples, 1, 1, 1), params).view(num_samples, -1)
-        return log_px + log_standard_normal(z) - log_normal(z, mu, logvar)
+        prior_mu, prior_logvar = self._prior(labels)
+        return log_px + log_normal(z, prior_mu, prior_logvar) - log_normal(z, mu, logvar)
 
     @torch.no_grad()
     def anomaly_score(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +145,8 @@ class CVAE(VariationalModel):
 
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None, temperature=1.0):
-        """n images, the i-th of class labels[i]; labels are required."""
+        """n images, the i-th of class labels[i] (z ~ N(mu_y, T^2 sigma_y^2)); labels are required."""
         labels = self._check_labels(labels, n)
-        z = self._prior_noise(n, self.config.latent_dim, generator, temperature)
+        mu, logvar = self._prior(labels)
+        z = mu + torch.exp(0.5 * logvar) * self._prior_noise(n, self.config.latent_dim, generator, temperature)
         return self.likelihood.mean(self._decoder_params(z, labels))

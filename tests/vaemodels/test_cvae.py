@@ -1,5 +1,6 @@
 """Conditional VAE: shapes on both backbones, labels required everywhere (with clear errors),
 conditioning that matters (trained samples look like their class), the marginal anomaly score."""
+import json
 import math
 
 import pytest
@@ -7,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.vaemodels.conftest import train_steps
-from vaemodels.common import ConfigError, log_normal, log_standard_normal
+from vaemodels.common import ConfigError, log_normal
 from vaemodels.cvae import CVAE, CVAEConfig
-from vaemodels.serialization import WEIGHTS_FILE, save_model
+from vaemodels.serialization import CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
 
 SHAPES = [(1, 28, 28), (1, 64, 64), (3, 32, 32)]
 
@@ -30,7 +31,7 @@ def trained(digits_batch):
     return model, train_steps(model, digits_batch, 300)
 
 
-@pytest.mark.parametrize("backbone", ["mlp", "conv"])
+@pytest.mark.parametrize("backbone", ["mlp", "conv", "resconv"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_shapes(backbone, shape):
     model = CVAE(tiny_config(backbone), shape, num_classes=3)
@@ -50,7 +51,7 @@ def test_shapes(backbone, shape):
     assert set(out) == {"loss", "recon", "kl", "elbo"} and all(v.dim() == 0 for v in out.values())
 
 
-@pytest.mark.parametrize("backbone", ["mlp", "conv"])
+@pytest.mark.parametrize("backbone", ["mlp", "conv", "resconv"])
 def test_loss_finite_and_differentiable(backbone):
     torch.manual_seed(0)
     model = CVAE(tiny_config(backbone), (1, 28, 28), num_classes=10)
@@ -133,7 +134,8 @@ def test_analytic_kl_matches_monte_carlo(trained, digits_batch):
     analytic = model.loss({"image": x, "label": labels})["kl"]
     mu, logvar = model.encode(x, labels)
     z = mu + (0.5 * logvar).exp() * torch.randn(20000, *mu.shape)
-    monte_carlo = (log_normal(z, mu, logvar) - log_standard_normal(z)).mean()
+    prior_mu, prior_logvar = model._prior(labels)  # the learned p(z|y)
+    monte_carlo = (log_normal(z, mu, logvar) - log_normal(z, prior_mu, prior_logvar)).mean()
     assert analytic.item() > 0.5
     assert monte_carlo.item() == pytest.approx(analytic.item(), rel=0.03)
 
@@ -212,3 +214,40 @@ def test_beta_weights_the_kl_in_the_training_loss_only():
     b = heavy.loss(batch)
     assert torch.allclose(b["loss"], a["recon"] + 4.0 * a["kl"])
     assert torch.allclose(a["elbo"], b["elbo"])  # the ELBO itself always weighs KL by 1
+
+
+def test_learned_prior_starts_standard_and_sampling_follows_it():
+    torch.manual_seed(0)
+    learned = CVAE(tiny_config(), (1, 8, 8), num_classes=3)
+    standard = CVAE(tiny_config(prior="standard"), (1, 8, 8), num_classes=3)
+    standard.load_state_dict({k: v for k, v in learned.state_dict().items() if not k.startswith("class_prior")})
+    batch = {"image": torch.rand(6, 1, 8, 8), "label": torch.tensor([0, 1, 2, 0, 1, 2])}
+    torch.manual_seed(1)
+    a = learned.loss(batch)
+    torch.manual_seed(1)
+    b = standard.loss(batch)
+    assert torch.allclose(a["kl"], b["kl"]) and torch.allclose(a["elbo"], b["elbo"])  # zero-initialised = N(0, I)
+    with torch.no_grad():  # move class 2's prior far away: its samples must be decoded from there
+        learned.class_prior.weight[2, :4] = 5.0
+    labels = torch.tensor([2, 2])
+    expected = learned.decode(5.0 + torch.randn(2, 4, generator=seeded(0)), labels)
+    assert torch.allclose(learned.sample(2, labels, seeded(0)), expected, atol=1e-6)
+    assert not torch.allclose(standard.sample(2, labels, seeded(0)), expected, atol=1e-3)
+    # the bound is taken against p(z|y): a far-away prior mean costs KL
+    assert learned.loss(batch)["kl"] > a["kl"] + 10
+
+
+def test_model_saved_before_the_prior_field_loads_with_the_standard_prior(tmp_path):
+    """Saved configs that predate a field take its legacy value (here: the N(0, I) prior)."""
+    torch.manual_seed(0)
+    old = CVAE(tiny_config("conv", prior="standard"), (1, 28, 28), num_classes=10).eval()
+    save_model(old, tmp_path)
+    spec = json.loads((tmp_path / CONFIG_FILE).read_text())
+    del spec["config"]["prior"]  # what vaepipe wrote before the field existed
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(spec))
+    loaded = load_model(tmp_path)
+    assert loaded.config.prior == "standard" and loaded.config.backbone == "conv"
+    labels = torch.tensor([3, 4])
+    assert torch.equal(loaded.sample(2, labels, seeded(0)), old.sample(2, labels, seeded(0)))
+    with pytest.raises(ConfigError, match=r"CVAEConfig\.prior must be 'learned' or 'standard'"):
+        CVAEConfig(prior="flow")
