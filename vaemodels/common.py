@@ -482,6 +482,20 @@ class AutoEncoderModel(nn.Module):
                temperature: float = 1.0) -> torch.Tensor:
         raise NotImplementedError(f"model {self.name!r} is not generative")
 
+    @torch.no_grad()
+    def sample_with_latent(self, n: int, labels: torch.Tensor | None = None,
+                           generator: torch.Generator | None = None,
+                           temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, z): n samples from the model's prior and the codes they were decoded from (the top
+        layer for hierarchies). What batch generation records; `sample()` returns the same images.
+        Families whose prior is not N(0, T^2 I) override it, so pipelines never draw z themselves."""
+        if not self.is_generative:
+            raise NotImplementedError(f"model {self.name!r} is not generative")
+        z = self._prior_noise(n, self.config.latent_dim, generator, temperature)
+        if self.is_conditional:
+            return self.decode(z, self._check_labels(labels, n).to(self.device)), z
+        return self.decode(z), z
+
     # -- helpers for subclasses ---------------------------------------------------------------
     @property
     def device(self) -> torch.device:

@@ -146,7 +146,12 @@ class CVAE(VariationalModel):
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None, temperature=1.0):
         """n images, the i-th of class labels[i] (z ~ N(mu_y, T^2 sigma_y^2)); labels are required."""
-        labels = self._check_labels(labels, n)
+        return self.sample_with_latent(n, labels, generator, temperature)[0]
+
+    @torch.no_grad()
+    def sample_with_latent(self, n, labels=None, generator=None, temperature=1.0):
+        """(images, z) with z drawn from the class's own prior N(mu_y, T^2 sigma_y^2)."""
+        labels = self._check_labels(labels, n).to(self.device)
         mu, logvar = self._prior(labels)
         z = mu + torch.exp(0.5 * logvar) * self._prior_noise(n, self.config.latent_dim, generator, temperature)
-        return self.likelihood.mean(self._decoder_params(z, labels))
+        return self.likelihood.mean(self._decoder_params(z, labels)), z

@@ -182,9 +182,14 @@ class HVAE(VariationalModel):
 
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None, temperature=1.0):
+        return self.sample_with_latent(n, labels, generator, temperature)[0]
+
+    @torch.no_grad()
+    def sample_with_latent(self, n, labels=None, generator=None, temperature=1.0):
+        """(images, top-layer z): ancestral sampling through every layer, not decode(z_top)."""
         dims = self.config.latent_dims
-        z = self._prior_noise(n, dims[-1], generator, temperature)
+        top = z = self._prior_noise(n, dims[-1], generator, temperature)
         for i in reversed(range(len(dims) - 1)):
             mu_p, logvar_p = self._prior(i, z)
             z = mu_p + torch.exp(0.5 * logvar_p) * self._prior_noise(n, dims[i], generator, temperature)
-        return self.likelihood.mean(self.decoder(z))
+        return self.likelihood.mean(self.decoder(z)), top

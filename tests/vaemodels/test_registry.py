@@ -77,3 +77,27 @@ def test_load_refuses_a_folder_without_weights(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
         vaemodels.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if vaemodels.MODELS[n].is_generative])
+def test_sample_with_latent_returns_what_sample_draws(name):
+    """Batch generation records z with sample_with_latent: its images must be sample()'s images."""
+    torch.manual_seed(0)
+    model = build(name).eval()
+    labels = torch.arange(6) % 10 if model.is_conditional else None
+    images = model.sample(6, labels, torch.Generator().manual_seed(3))
+    again, z = model.sample_with_latent(6, labels, torch.Generator().manual_seed(3))
+    assert torch.equal(images, again)
+    assert z.shape[0] == 6 and torch.isfinite(z).all()
+
+
+def test_cvae_latents_come_from_the_class_prior():
+    """With the learned per-class prior, generation must draw z around mu_y, not from N(0, I)."""
+    torch.manual_seed(0)
+    model = build("cvae").eval()
+    with torch.no_grad():
+        model.class_prior.weight.zero_()
+        model.class_prior.weight[7, : model.config.latent_dim] = 5.0  # mu_7 = 5, sigma_7 = 1
+    labels = torch.tensor([7] * 500 + [2] * 500)
+    _, z = model.sample_with_latent(1000, labels, torch.Generator().manual_seed(0))
+    assert abs(z[:500].mean().item() - 5.0) < 0.2 and abs(z[500:].mean().item()) < 0.2
