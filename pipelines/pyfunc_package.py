@@ -33,8 +33,10 @@ def pyfunc_signature(model):
 
     inputs = [ColSpec(AnyType(), "label")] if model.is_conditional else []
     # seed is required so a request always says which draw it wants (and a misspelt column is an error)
+    # n is Any, not long: rows that leave it out make a column with gaps, which MLflow refuses to cast
+    # to long; the model checks it is an integer >= 1
     inputs += [ColSpec(DataType.long, "seed"), ColSpec(DataType.double, "temperature", required=False),
-               ColSpec(DataType.long, "n", required=False)]
+               ColSpec(AnyType(), "n", required=False)]
     outputs = [ColSpec(DataType.long, "row"), ColSpec(DataType.long, "index"), ColSpec(DataType.long, "label"),
                ColSpec(DataType.string, "class_name", required=False), ColSpec(DataType.long, "seed"),
                ColSpec(Array(Array(Array(DataType.float))), "image"), ColSpec(Array(DataType.float), "latent")]
