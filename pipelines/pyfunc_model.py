@@ -34,13 +34,10 @@ class BadRequest(MlflowException):
 
 class VaeSampler(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        import torch
-
         import vaemodels
 
         folder = Path(context.artifacts["config"]).parent
         self.model = vaemodels.load_model(folder)  # eval mode, CPU
-        torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
         dataset_file = Path(context.artifacts.get("dataset", folder / "dataset.json"))
         dataset = json.loads(dataset_file.read_text()) if dataset_file.is_file() else {}
         names = dataset.get("class_names") if isinstance(dataset, dict) else None
@@ -106,7 +103,10 @@ class VaeSampler(mlflow.pyfunc.PythonModel):
         if _missing(value):
             raise BadRequest(f"row {i}: model {model.name!r} is conditional: give a label "
                              f"(class index 0..{model.num_classes - 1} or one of {_listing(names)})")
-        text = str(value.item() if hasattr(value, "item") else value).strip()
+        value = value.item() if hasattr(value, "item") else value  # numpy scalars from a DataFrame
+        if isinstance(value, float) and value.is_integer():  # an integer column with gaps comes back as floats
+            value = int(value)
+        text = str(value).strip()
         if text in names:
             label = names.index(text)
         elif text.lstrip("-").isdigit() and int(text) in range(model.num_classes):

@@ -308,8 +308,9 @@ def pull(uri: str, tracking_uri: str, out: str | Path) -> tuple[vaemodels.AutoEn
             raise RegistryError(f"--out {out} is not empty and holds no pull of {version.name} v{version.version}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.pull-") as staging:
-        folder = _download(tracking_uri, version.source, Path(staging),
-                           f"version {version.version} of {version.name!r} has no artifacts at {version.source}")
+        source = _artifact_location(client, version)
+        folder = _download(tracking_uri, source, Path(staging),
+                           f"version {version.version} of {version.name!r} has no artifacts at {source}")
         label = f"{version.name} v{version.version}"
         try:
             check_not_pickled(folder, label)  # before anything else reads the folder
@@ -327,6 +328,20 @@ def pull(uri: str, tracking_uri: str, out: str | Path) -> tuple[vaemodels.AutoEn
             shutil.rmtree(out)
         folder.rename(out)
     return model, info
+
+
+def _artifact_location(client, version) -> str:
+    """Where the version's files are. Versions logged the MLflow 3 way (`log_model`, not vaepipe) name
+    a logged model (`models:/m-...`), which MLflow resolves against the global registry URI rather
+    than the one passed in: resolve it here, through this server."""
+    if not version.source.startswith("models:/"):
+        return version.source
+    model_id = getattr(version, "model_id", None) or version.source[len("models:/"):]  # models:/m-<id>
+    try:
+        return client.get_logged_model(model_id).artifact_location
+    except Exception as exc:
+        raise RegistryError(f"version {version.version} of {version.name!r}: its logged model {model_id} "
+                            f"is not on this server: {str(exc).splitlines()[0]}") from None
 
 
 @torch.no_grad()
