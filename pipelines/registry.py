@@ -21,11 +21,13 @@ import torch
 
 import vaemodels
 from pipelines import tracking
+from pipelines.pyfunc_package import MLMODEL_FILE, PickledModelError, add_pyfunc_model, check_not_pickled
 from pipelines.tracking import FIGURES_ARTIFACT, MODEL_ARTIFACT, connect, read_dataset_info
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 CHECKSUMS_FILE = "checksums.json"
 SIGNATURE_FILE = "signature.json"
+PACKAGE_ARTIFACT = "mlflow_model"  # the MLflow package of a run whose model/ an older vaepipe registered
 CHECKSUMS_TAG = "checksums_sha256"  # version tag: sha256 of checksums.json, so a rewrite of weights + checksums shows
 # metrics where smaller is better; everything else (elbo, log-likelihood, accuracy, ...) is larger-is-better
 LOWER_IS_BETTER = ("loss", "recon", "kl", "fid", "anomaly_score")
@@ -52,8 +54,11 @@ def check_model_name(name: str) -> None:
 
 
 def file_checksums(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
+    """sha256 of every file under `folder` by relative path (the MLflow package's `code/` included:
+    it runs when a consumer loads the model); a folder of plain files gives plain names, as before."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).as_posix() != CHECKSUMS_FILE
+            and "__pycache__" not in p.parts}
 
 
 def model_signature(model: vaemodels.AutoEncoderModel) -> dict[str, Any]:
@@ -106,11 +111,14 @@ def register_run(request: RegisterRequest, extra_metrics: dict[str, float] | Non
                 metrics["iwae_log_likelihood"] = iwae
                 client.log_metric(request.run_id, "iwae_log_likelihood", iwae)
         dataset = read_dataset_info(folder) or _dataset_info_from_run(folder, run.data.params.get("data"))
-        (folder / SIGNATURE_FILE).write_text(json.dumps(model_signature(model), indent=2) + "\n")
-        checksums = json.dumps(file_checksums(folder), indent=2) + "\n"
-        (folder / CHECKSUMS_FILE).write_text(checksums)
-        client.log_artifacts(request.run_id, str(folder), MODEL_ARTIFACT)
-    source = f"{run.info.artifact_uri}/{MODEL_ARTIFACT}"
+        folder, artifact_path, reuse = _package(request, run.info.artifact_uri, folder, Path(tmp))
+        if not reuse:
+            (folder / SIGNATURE_FILE).write_text(json.dumps(model_signature(model), indent=2) + "\n")
+            add_pyfunc_model(folder, model, (dataset or {}).get("class_names"))
+            (folder / CHECKSUMS_FILE).write_text(json.dumps(file_checksums(folder), indent=2) + "\n")
+            client.log_artifacts(request.run_id, str(folder), artifact_path)
+        checksums = (folder / CHECKSUMS_FILE).read_text()
+    source = f"{run.info.artifact_uri}/{artifact_path}"
 
     try:
         client.get_registered_model(request.name)
@@ -131,6 +139,33 @@ def register_run(request: RegisterRequest, extra_metrics: dict[str, float] | Non
     decision = _gate(client, request, version.version, metrics[request.metric])
     aliases = sorted(client.get_model_version(request.name, version.version).aliases)
     return {"name": request.name, "version": int(version.version), "aliases": aliases, **decision}
+
+
+def _package(request: RegisterRequest, artifact_uri: str, folder: Path, tmp: Path) -> tuple[Path, str, bool]:
+    """Where this registration's MLflow package is: (folder, its artifact path, whether it exists
+    already). A run registered before (under another name) already holds one: it is reused
+    unchanged, since MLmodel differs at every write and would break that version's pinned checksums.
+    A run registered by a vaepipe without MLflow packages keeps its `model/` files as that version
+    pinned them; its package goes to `mlflow_model/`."""
+    if (folder / MLMODEL_FILE).is_file():
+        verify_checksums(folder, f"run {request.run_id} {MODEL_ARTIFACT}/")
+        return folder, MODEL_ARTIFACT, True
+    if not (folder / CHECKSUMS_FILE).is_file():
+        return folder, MODEL_ARTIFACT, False
+    import mlflow
+
+    try:
+        packaged = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{artifact_uri}/{PACKAGE_ARTIFACT}",
+                                                            dst_path=str(tmp / "pkg"),
+                                                            tracking_uri=request.tracking_uri))
+    except Exception:  # none yet
+        packaged = None
+    if packaged is not None and (packaged / MLMODEL_FILE).is_file():
+        verify_checksums(packaged, f"run {request.run_id} {PACKAGE_ARTIFACT}/")
+        return packaged, PACKAGE_ARTIFACT, True
+    for stale in (CHECKSUMS_FILE, SIGNATURE_FILE):
+        (folder / stale).unlink(missing_ok=True)
+    return folder, PACKAGE_ARTIFACT, False
 
 
 def _version_of_run(client, name: str, run_id: str):
@@ -273,9 +308,15 @@ def pull(uri: str, tracking_uri: str, out: str | Path) -> tuple[vaemodels.AutoEn
             raise RegistryError(f"--out {out} is not empty and holds no pull of {version.name} v{version.version}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.pull-") as staging:
-        folder = _download(tracking_uri, version.source, Path(staging),
-                           f"version {version.version} of {version.name!r} has no artifacts at {version.source}")
-        verify_checksums(folder, f"{version.name} v{version.version}", version.tags.get(CHECKSUMS_TAG))
+        source = _artifact_location(client, version)
+        folder = _download(tracking_uri, source, Path(staging),
+                           f"version {version.version} of {version.name!r} has no artifacts at {source}")
+        label = f"{version.name} v{version.version}"
+        try:
+            check_not_pickled(folder, label)  # before anything else reads the folder
+        except PickledModelError as exc:
+            raise RegistryError(str(exc)) from None
+        verify_checksums(folder, label, version.tags.get(CHECKSUMS_TAG))
         model = vaemodels.load_model(folder)
         dataset = read_dataset_info(folder) or {}
         info = {"name": version.name, "version": int(version.version), "aliases": sorted(version.aliases),
@@ -287,6 +328,20 @@ def pull(uri: str, tracking_uri: str, out: str | Path) -> tuple[vaemodels.AutoEn
             shutil.rmtree(out)
         folder.rename(out)
     return model, info
+
+
+def _artifact_location(client, version) -> str:
+    """Where the version's files are. Versions logged the MLflow 3 way (`log_model`, not vaepipe) name
+    a logged model (`models:/m-...`), which MLflow resolves against the global registry URI rather
+    than the one passed in: resolve it here, through this server."""
+    if not version.source.startswith("models:/"):
+        return version.source
+    model_id = getattr(version, "model_id", None) or version.source[len("models:/"):]  # models:/m-<id>
+    try:
+        return client.get_logged_model(model_id).artifact_location
+    except Exception as exc:
+        raise RegistryError(f"version {version.version} of {version.name!r}: its logged model {model_id} "
+                            f"is not on this server: {str(exc).splitlines()[0]}") from None
 
 
 @torch.no_grad()
