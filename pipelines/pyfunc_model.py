@@ -118,14 +118,13 @@ class VaeSampler(mlflow.pyfunc.PythonModel):
 
 
 def _draw(model, n: int, label: int | None, seed: int, temperature: float):
-    """n samples and the latent z each was decoded from. The same draw as `vaepipe generate`
-    (pipelines/generate.py): seeded prior noise on the CPU, times the temperature, decoded."""
+    """n samples and the latent z each was decoded from: the model's own `sample_with_latent`
+    (its prior, e.g. a cvae's per-class one), seeded on the CPU as `vaepipe generate` draws."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    z = model._prior_noise(n, model.config.latent_dim, generator, temperature)
     labels = None if label is None else torch.full((n,), label, dtype=torch.long)
-    images = model.decode(z, labels)
+    images, z = model.sample_with_latent(n, labels, generator, temperature)
     return list(images.float().cpu().numpy()), list(z.float().cpu().numpy())
 
 
