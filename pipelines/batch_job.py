@@ -37,6 +37,12 @@ class OutputExistsError(ValueError):
     """The output folder holds another request's data (or data that is not a batch job's)."""
 
 
+class BlockRefused(ValueError):
+    """A block function's verdict on the request (e.g. a filter that too few samples pass): the actor
+    returns its message instead of failing (Ray Data would bury it in a traceback), and the driver
+    raises it as one line once the pool is done. Blocks that finished stay done for a rerun."""
+
+
 class BlockFn(Protocol):
     """A job's per-block compute, built once per actor with the job's `block_fn_kwargs`.
 
@@ -140,11 +146,17 @@ class BlockActor:
         self.fn = block_fn(**block_fn_kwargs)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        indices, rows = [], []
+        indices, rows, refused = [], [], []
         for spec_json in batch["block"]:
             block = json.loads(spec_json)
             writer = BlockWriter(self.out)
-            counts = {str(k): int(v) for k, v in self.fn(block, writer).items()}
+            try:
+                counts = {str(k): int(v) for k, v in self.fn(block, writer).items()}
+            except BlockRefused as exc:  # no marker: the block is redone (and its strays swept) on a rerun
+                indices.append(block["index"])
+                rows.append(0)
+                refused.append(str(exc))
+                continue
             marker = {"index": block["index"], "spec_sha256": spec_sha256(block), "counts": counts,
                       "files": writer.files}
             if writer.tallies:  # only then: markers of jobs that tally nothing keep their bytes
@@ -152,7 +164,8 @@ class BlockActor:
             write_atomic(marker_path(self.out, block["index"]), json.dumps(marker, indent=1).encode())
             indices.append(block["index"])
             rows.append(sum(counts.values()))
-        return {"index": indices, "rows": rows}
+            refused.append("")
+        return {"index": indices, "rows": rows, "refused": refused}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +343,11 @@ def _run_blocks(job: BatchJob, todo: list[dict[str, Any]]) -> None:
         **resources,
     )
     written = ds.take_all()
-    _log(job, f"wrote {len(written)} blocks, {sum(r['rows'] for r in written)} rows")
+    refusals = sorted((r["index"], r["refused"]) for r in written if r["refused"])
+    _log(job, f"wrote {len(written) - len(refusals)} blocks, {sum(r['rows'] for r in written)} rows")
+    if refusals:
+        raise BlockRefused(f"{job.name}: block {refusals[0][0]}: {refusals[0][1]}"
+                           + (f" (and {len(refusals) - 1} more block(s))" if len(refusals) > 1 else ""))
 
 
 def _manifest(job: BatchJob, request: dict[str, Any]) -> dict[str, Any]:

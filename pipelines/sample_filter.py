@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipelines.batch_job import BlockRefused
 from pipelines.config import ConfigError
 
 MIN_ACCEPTANCE = 1e-3  # a label whose draws pass less often than this is given up on, with an error ...
@@ -23,7 +24,7 @@ MARGIN = 1.2  # draw 20% more than the estimated shortfall, so most labels finis
 MAX_ROUNDS = 16  # a backstop only: GROWTH and MARGIN reach JUDGE_DRAWS or the count in far fewer rounds
 
 
-class FilterRejectedError(ValueError):
+class FilterRejectedError(BlockRefused):
     """Too few draws of a label pass the filter: a user's choice (confidence, model) to revisit."""
 
 

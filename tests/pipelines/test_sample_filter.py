@@ -288,3 +288,22 @@ def test_filtered_generation_end_to_end(ray_session, cvae_dir, classifier_dir, t
     # another confidence is another request: refused into the same folder, like any other change
     code, _, err = run_cli(capsys, *argv[:-1], "0.9", "--out", tmp_path / "a")
     assert code == 2 and "differs in: filter" in err
+
+
+@pytest.mark.ray
+def test_give_up_in_an_actor_is_one_line_and_no_manifest(ray_session, tmp_path_factory, tmp_path, capsys):
+    """A refusal raised inside a Ray actor reaches the user as the filter's own line, exit 2; no
+    manifest or _SUCCESS, so nothing reads the folder as a finished dataset."""
+    cvae = untrained(tmp_path_factory, "cvae2-ray", "cvae", num_classes=2)
+    torch.manual_seed(0)
+    classifier = save_classifier(ReferenceClassifier((1, 8, 8), 2), tmp_path / "clf")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "generate", "--model", cvae, "--out", out, "--per-class", "5", "--workers", "1",
+                                "--filter-classifier", classifier, "--filter-confidence", "0.99")
+    assert code == 2 and stdout == ""
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("vaepipe: error: generate: block 0: filter: class '0' (label 0): 0 of ")
+    # no traceback of ours ("Traceback" alone also matches logging's complaint about an earlier test's capsys stream)
+    assert "fewer than 1 in 1000" in line and "FilterRejectedError" not in err and "UserCodeException" not in err
+    assert not (out / "manifest.json").exists() and not (out / "_SUCCESS").exists()
+    assert not list((out / "_blocks").iterdir()) and not (out / "parquet").exists()
