@@ -1,7 +1,9 @@
 """Generation job: `python -m jobs.generate --config FILE` locally, or `vaepipe submit generate
 --address http://HEAD:8265 --config FILE` on a cluster (the scheduled daily run uses an `out`
 with `{date}`). The config is configs/generate.yaml's shape; `model_uri: models:/NAME@ALIAS`
-with `tracking_uri` pulls the registered model first (a `model_dir` is used as given)."""
+with `tracking_uri` pulls the registered model first (a `model_dir` is used as given).
+`filter_classifier` (a saved reference classifier folder the driver can read; it is shipped to the
+actors) with `filter_confidence` keeps only samples the classifier assigns to their label."""
 import os
 import sys
 import tempfile

@@ -14,7 +14,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,10 +28,19 @@ REQUEST_NAME = "_request.json"  # written before any block: a rerun can tell its
 MARKERS_DIR = "_blocks"
 LOCK_NAME = ".vaepipe.lock"  # held (flock) by the run writing into the folder; empty, hidden from readers
 TMP_SUFFIX = ".tmp"  # temporaries are ".NAME.tmp": hidden from pyarrow/Ray readers, swept on the next run
+# block_fn_kwargs naming folders the actors need (a few MB each): shipped through Ray's object store, so an
+# actor's node need not see the driver's disk
+SHIPPED_FOLDERS = ("model_dir", "filter_classifier")
 
 
 class OutputExistsError(ValueError):
     """The output folder holds another request's data (or data that is not a batch job's)."""
+
+
+class BlockRefused(ValueError):
+    """A block function's verdict on the request (e.g. a filter that too few samples pass): the actor
+    returns its message instead of failing (Ray Data would bury it in a traceback), and the driver
+    raises it as one line once the pool is done. Blocks that finished stay done for a rerun."""
 
 
 class BlockFn(Protocol):
@@ -57,6 +66,8 @@ class BatchJob:
     use_gpu: bool = False  # one GPU per actor
     metadata: dict[str, Any] = field(default_factory=dict)  # extra manifest keys (shapes, columns, ...)
     overwrite: bool = False  # replace another request's data in `out`
+    # summed BlockWriter.tallies of all blocks -> extra manifest keys (e.g. generate's filter acceptance rates)
+    summarize: Callable[[dict[str, dict[str, int]]], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,7 +96,13 @@ class BlockWriter:
     def __init__(self, out: Path):
         self.out = Path(out)
         self.files: list[dict[str, Any]] = []
+        self.tallies: dict[str, dict[str, int]] = {}  # name -> key -> count, summed over blocks for the manifest
         self._dirs: set[Path] = set()
+
+    def tally(self, name: str, key: str, count: int) -> None:
+        """Count something besides rows (e.g. draws a filter rejected); the marker keeps it."""
+        per_key = self.tallies.setdefault(name, {})
+        per_key[key] = per_key.get(key, 0) + int(count)
 
     def write_bytes(self, relpath: str, data: bytes, rows: int = 1) -> None:
         path = self.out / relpath
@@ -116,30 +133,39 @@ class BlockActor:
     runs blocks; each block's marker is written after all its files, so a marker means complete."""
 
     def __init__(self, out: str, block_fn: type, block_fn_kwargs: dict[str, Any],
-                 model_files: dict[str, bytes] | None = None):
+                 shipped_files: dict[str, dict[str, bytes]] | None = None):
         self.out = Path(out)
-        if model_files is not None:
-            # the model came through Ray's object store: this node need not see the driver's disk
+        for kwarg, files in (shipped_files or {}).items():
+            # the folder came through Ray's object store: this node need not see the driver's disk
             import tempfile
 
-            local = Path(tempfile.mkdtemp(prefix="vaepipe-actor-model-"))
-            for name, data in model_files.items():
+            local = Path(tempfile.mkdtemp(prefix=f"vaepipe-actor-{kwarg.replace('_', '-')}-"))
+            for name, data in files.items():
                 (local / name).write_bytes(data)
-            block_fn_kwargs = {**block_fn_kwargs, "model_dir": str(local)}
+            block_fn_kwargs = {**block_fn_kwargs, kwarg: str(local)}
         self.fn = block_fn(**block_fn_kwargs)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        indices, rows = [], []
+        indices, rows, refused = [], [], []
         for spec_json in batch["block"]:
             block = json.loads(spec_json)
             writer = BlockWriter(self.out)
-            counts = {str(k): int(v) for k, v in self.fn(block, writer).items()}
+            try:
+                counts = {str(k): int(v) for k, v in self.fn(block, writer).items()}
+            except BlockRefused as exc:  # no marker: the block is redone (and its strays swept) on a rerun
+                indices.append(block["index"])
+                rows.append(0)
+                refused.append(str(exc))
+                continue
             marker = {"index": block["index"], "spec_sha256": spec_sha256(block), "counts": counts,
                       "files": writer.files}
+            if writer.tallies:  # only then: markers of jobs that tally nothing keep their bytes
+                marker["tallies"] = writer.tallies
             write_atomic(marker_path(self.out, block["index"]), json.dumps(marker, indent=1).encode())
             indices.append(block["index"])
             rows.append(sum(counts.values()))
-        return {"index": indices, "rows": rows}
+            refused.append("")
+        return {"index": indices, "rows": rows, "refused": refused}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,34 +332,43 @@ def _run_blocks(job: BatchJob, todo: list[dict[str, Any]]) -> None:
     # one Ray block per job block, so the pool can hand blocks to idle actors one by one
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     resources = {"num_gpus": 1} if job.use_gpu else {"num_cpus": 1}
-    model_dir = job.block_fn_kwargs.get("model_dir")
-    model_files = ({p.name: p.read_bytes() for p in Path(model_dir).iterdir() if p.is_file()}
-                   if model_dir else None)  # a few MB: shipped to every actor, whatever node it is on
+    shipped_files = {kwarg: {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+                     for kwarg in SHIPPED_FOLDERS if (folder := job.block_fn_kwargs.get(kwarg))}
     ds = ds.map_batches(
         BlockActor,
         fn_constructor_kwargs={"out": str(job.out), "block_fn": job.block_fn, "block_fn_kwargs": job.block_fn_kwargs,
-                               "model_files": model_files},
+                               "shipped_files": shipped_files},
         compute=ray.data.ActorPoolStrategy(size=min(job.workers, len(todo))),
         batch_size=1,
         **resources,
     )
     written = ds.take_all()
-    _log(job, f"wrote {len(written)} blocks, {sum(r['rows'] for r in written)} rows")
+    refusals = sorted((r["index"], r["refused"]) for r in written if r["refused"])
+    _log(job, f"wrote {len(written) - len(refusals)} blocks, {sum(r['rows'] for r in written)} rows")
+    if refusals:
+        raise BlockRefused(f"{job.name}: block {refusals[0][0]}: {refusals[0][1]}"
+                           + (f" (and {len(refusals) - 1} more block(s))" if len(refusals) > 1 else ""))
 
 
 def _manifest(job: BatchJob, request: dict[str, Any]) -> dict[str, Any]:
     counts: dict[str, int] = {}
+    tallies: dict[str, dict[str, int]] = {}
     files: list[dict[str, Any]] = []
     for block in job.blocks:
         marker = _read_json(marker_path(job.out, block["index"]))
         for key, n in marker["counts"].items():
             counts[key] = counts.get(key, 0) + n
+        for name, per_key in marker.get("tallies", {}).items():
+            summed = tallies.setdefault(name, {})
+            for key, n in per_key.items():
+                summed[key] = summed.get(key, 0) + n
         files.extend(marker["files"])
     return {
         "format_version": FORMAT_VERSION,
         "job": job.name,
         "request": request,
         **job.metadata,
+        **(job.summarize(tallies) if job.summarize is not None else {}),
         "blocks": len(job.blocks),
         "total": sum(counts.values()),
         "counts": dict(sorted(counts.items(), key=lambda kv: _natural(kv[0]))),

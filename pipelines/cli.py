@@ -287,7 +287,8 @@ def pull_registered(model: str | None, tracking_uri: str | None, tmp: str) -> di
 # flag -> GenerateConfig key; applied over the --config file, before --set
 GENERATE_FLAGS = {"out": "out", "num_samples": "num_samples", "per_class": "per_class", "seed": "seed",
                   "temperature": "temperature", "batch_size": "batch_size", "workers": "workers",
-                  "gpu": "use_gpu", "overwrite": "overwrite"}
+                  "gpu": "use_gpu", "overwrite": "overwrite", "filter_classifier": "filter_classifier",
+                  "filter_confidence": "filter_confidence"}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -564,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "OUT/parquet/label=K/*.parquet (PNG bytes, latent, provenance), OUT/images/CLASS/ID.png, "
                     "OUT/manifest.json (sha256 per file) and OUT/_SUCCESS. The same request gives the same "
                     "bytes; rerunning a finished request does nothing; an interrupted one resumes. Prints "
-                    "one JSON line: out, total, per_class, parquet, images, manifest, skipped, blocks_written.",
+                    "one JSON line: out, total, per_class, parquet, images, manifest, skipped, blocks_written, "
+                    "acceptance_rate.",
     )
     generate.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a saved model folder")
     generate.add_argument("--tracking-uri", help="MLflow tracking URI (needed for models:/ URIs)")
@@ -579,6 +581,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="one GPU per actor")
     generate.add_argument("--overwrite", action="store_true", default=None,
                           help="replace another request's data in --out")
+    generate.add_argument("--filter-classifier", metavar="DIR",
+                          help="keep only samples this saved reference classifier (vaepipe evaluate's "
+                               "OUT/reference_classifier/) assigns to their label; needs --filter-confidence")
+    generate.add_argument("--filter-confidence", type=finite_float, metavar="P",
+                          help="the classifier probability, in (0, 1), a kept sample's label must reach")
     generate.add_argument("--config", help="YAML config (configs/generate.yaml); flags and --set override it")
     generate.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                           help="override any config key, e.g. --set block_size=500 (repeatable)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import pyarrow as pa
 
 from pipelines.batch_job import BatchJob, BlockWriter, run_batch_job
 from pipelines.config import ConfigError, from_dict
+from pipelines.sample_filter import FilterInfo, SampleFilter, inspect_filter, summarize
 
 LABELS_STREAM, BLOCKS_STREAM = 0, 1  # SeedSequence spawn keys: labels and per-block noise never share numbers
 UNLABELLED = -1  # label (and partition) of samples from an unconditional model
@@ -55,6 +57,10 @@ class GenerateConfig:
     use_gpu: bool = False  # one GPU per worker
     class_names: tuple[str, ...] | None = None  # image folder names by label; None = the label number
     overwrite: bool = False  # replace another request's data in out (a finished same request is a no-op)
+    # keep only samples this saved reference classifier (`vaepipe evaluate`'s OUT/reference_classifier/)
+    # gives their label with probability >= filter_confidence; set both or neither (conditional models)
+    filter_classifier: str | None = None
+    filter_confidence: float | None = None
 
     def __post_init__(self) -> None:
         if (self.num_samples is None) == (self.per_class is None):
@@ -71,6 +77,13 @@ class GenerateConfig:
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}"),
             (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
+            ((self.filter_classifier is None) == (self.filter_confidence is None),
+             "filter_classifier and filter_confidence go together (--filter-classifier DIR --filter-confidence P): "
+             f"got only {'filter_classifier' if self.filter_classifier is not None else 'filter_confidence'}"),
+            (self.filter_classifier is None or bool(self.filter_classifier),
+             "filter_classifier must name a saved reference classifier folder"),
+            (self.filter_confidence is None or 0 < self.filter_confidence < 1,
+             f"filter_confidence must be in (0, 1), got {self.filter_confidence}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -134,6 +147,14 @@ def inspect_model(config: GenerateConfig) -> ModelInfo:
                      model.config.latent_dim, digest.hexdigest())
 
 
+def model_class_names(model_dir: str) -> list[str] | None:
+    """The class names a model was trained with (its dataset.json), if it has them."""
+    from pipelines.tracking import read_dataset_info
+
+    names = (read_dataset_info(model_dir) or {}).get("class_names")
+    return [str(n) for n in names] if names else None
+
+
 def with_model_class_names(config: GenerateConfig) -> GenerateConfig:
     """Without explicit class_names, a model trained by vaepipe names its classes itself (its
     dataset.json, registered with it); models saved without one keep numeric folders."""
@@ -155,11 +176,13 @@ def with_model_class_names(config: GenerateConfig) -> GenerateConfig:
     return dataclasses.replace(config, class_names=tuple(str(n) for n in names))
 
 
-def generation_request(config: GenerateConfig, model: ModelInfo) -> dict[str, Any]:
+def generation_request(config: GenerateConfig, model: ModelInfo, sample_filter: FilterInfo | None = None
+                       ) -> dict[str, Any]:
     """Everything that fixes the output bytes. Not in it: out, model_dir (a pulled model may land
     anywhere; its sha256 identifies it), workers and overwrite. batch_size and use_gpu are in it
-    because float rounding can differ with the batch shape and the device."""
-    return {
+    because float rounding can differ with the batch shape and the device. A filter is in it by its
+    classifier's sha256 and confidence (only when set: unfiltered requests are what they always were)."""
+    request = {
         "model": {"uri": config.model_uri or str(Path(config.model_dir).resolve()), "name": config.model_name,
                   "version": config.model_version, "sha256": model.sha256},
         "num_samples": config.num_samples,
@@ -171,6 +194,9 @@ def generation_request(config: GenerateConfig, model: ModelInfo) -> dict[str, An
         "use_gpu": config.use_gpu,
         "class_names": list(config.class_names) if config.class_names is not None else None,
     }
+    if sample_filter is not None:
+        request["filter"] = {"classifier_sha256": sample_filter.sha256, "confidence": sample_filter.confidence}
+    return request
 
 
 def block_seed(seed: int, index: int) -> int:
@@ -213,7 +239,8 @@ class GenerateBlock:
     """
 
     def __init__(self, model_dir: str, use_gpu: bool, batch_size: int, temperature: float, seed: int,
-                 provenance: dict[str, str], class_names: list[str] | None):
+                 provenance: dict[str, str], class_names: list[str] | None, filter_classifier: str | None = None,
+                 filter_confidence: float | None = None):
         import torch
 
         import vaemodels
@@ -225,6 +252,8 @@ class GenerateBlock:
         self.seed = seed
         self.provenance = provenance
         self.class_names = class_names
+        self.filter = None if filter_classifier is None else \
+            SampleFilter(filter_classifier, filter_confidence, device, class_names)
 
     def folder(self, label: int) -> str:
         if label == UNLABELLED:
@@ -238,15 +267,18 @@ class GenerateBlock:
 
         n, model = block["count"], self.model
         generator = torch.Generator().manual_seed(block["seed"])
-        z = model._prior_noise(n, model.config.latent_dim, generator, self.temperature)
         labels = None if block["labels"] is None else torch.tensor(block["labels"], dtype=torch.long)
-        pixels = []
-        with torch.inference_mode():
-            for i in range(0, n, self.batch_size):
-                chunk_labels = None if labels is None else labels[i:i + self.batch_size]
-                x = model.decode(z[i:i + self.batch_size], chunk_labels)
-                pixels.append((x * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
-        pixels = torch.cat(pixels).numpy()
+        if self.filter is None:
+            z = model._prior_noise(n, model.config.latent_dim, generator, self.temperature)
+            pixels = self.decode(z, labels)
+        else:  # the driver allows a filter for conditional models only, so labels is set
+            drawn = self.filter.draw(labels.numpy(), functools.partial(
+                model._prior_noise, dim=model.config.latent_dim, generator=generator, temperature=self.temperature),
+                self.decode, self.batch_size)
+            z, pixels = drawn.z, drawn.pixels
+            for label in drawn.drawn:
+                writer.tally("drawn", str(label), drawn.drawn[label])
+                writer.tally("accepted", str(label), drawn.accepted[label])
         latents = z.float().cpu().numpy()
         label_of = np.full(n, UNLABELLED, np.int64) if labels is None else labels.numpy()
         sample_index = np.arange(block["start"], block["start"] + n, dtype=np.int64)
@@ -277,13 +309,29 @@ class GenerateBlock:
             counts[str(label)] = len(rows)
         return counts
 
+    def decode(self, z: Any, labels: Any) -> np.ndarray:
+        """Latents (and labels) -> uint8 pixels (N, H, W, C), `batch_size` at a time."""
+        import torch
+
+        pixels = []
+        with torch.inference_mode():
+            for i in range(0, len(z), self.batch_size):
+                chunk_labels = None if labels is None else labels[i:i + self.batch_size]
+                x = self.model.decode(z[i:i + self.batch_size], chunk_labels)
+                pixels.append((x * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        return torch.cat(pixels).numpy()
+
 
 def run_generation(config: GenerateConfig) -> dict[str, Any]:
     """Generate per `config` into `out` (resuming an interrupted run); returns where things are."""
     config = with_model_class_names(config)
     model = inspect_model(config)
+    sample_filter = None
+    if config.filter_classifier is not None:
+        sample_filter = inspect_filter(config.filter_classifier, config.filter_confidence, model.name,
+                                       model.input_shape, model.num_classes, model_class_names(config.model_dir))
     out = resolve_out(config.out).resolve()
-    request = generation_request(config, model)
+    request = generation_request(config, model, sample_filter)
     job = BatchJob(
         name="generate",
         out=out,
@@ -295,6 +343,8 @@ def run_generation(config: GenerateConfig) -> dict[str, Any]:
             "batch_size": config.batch_size, "temperature": config.temperature, "seed": config.seed,
             "provenance": request["model"],
             "class_names": list(config.class_names) if config.class_names is not None else None,
+            **({"filter_classifier": sample_filter.classifier, "filter_confidence": sample_filter.confidence}
+               if sample_filter is not None else {}),
         },
         owned_dirs=("parquet", "images"),
         workers=config.workers,
@@ -303,6 +353,7 @@ def run_generation(config: GenerateConfig) -> dict[str, Any]:
                   "num_classes": model.num_classes, "latent_dim": model.latent_dim,
                   "columns": [f.name for f in SCHEMA], "partitioning": "hive: label"},
         overwrite=config.overwrite,
+        summarize=functools.partial(summarize, sample_filter) if sample_filter is not None else None,
     )
     result = run_batch_job(job)
     manifest = result.manifest
@@ -315,5 +366,7 @@ def run_generation(config: GenerateConfig) -> dict[str, Any]:
         "manifest": str(out / "manifest.json"),
         "skipped": result.skipped,
         "blocks_written": result.blocks_written,
+        # accepted / drawn under --filter-classifier (per class in the manifest); None without a filter
+        "acceptance_rate": manifest["filter"]["acceptance_rate"] if "filter" in manifest else None,
     }
 
