@@ -39,9 +39,9 @@ def decode_alone(model_dir: str, config: GenerateConfig, threads: int) -> float:
     with torch.inference_mode():
         for block in plan_blocks(config, None):
             generator = torch.Generator().manual_seed(block["seed"])
-            z = model._prior_noise(block["count"], model.config.latent_dim, generator, 1.0)
             for i in range(0, block["count"], BATCH):
-                (model.decode(z[i:i + BATCH]) * 255).round().to(torch.uint8)
+                images, _ = model.sample_with_latent(min(BATCH, block["count"] - i), None, generator, 1.0)
+                (images * 255).round().to(torch.uint8)
     return config.num_samples / (time.perf_counter() - started)
 
 

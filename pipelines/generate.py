@@ -231,11 +231,11 @@ def plan_blocks(config: GenerateConfig, num_classes: int | None) -> list[dict[st
 
 
 class GenerateBlock:
-    """A block's compute (see batch_job.BlockFn): seeded prior noise -> decode -> PNG -> files.
+    """A block's compute (see batch_job.BlockFn): the model's own seeded sampler -> PNG -> files.
 
-    Noise is drawn for the whole block at once on the CPU, so z does not depend on batch_size or
-    device; decode(z, labels) is what every generative model's sample() does after drawing z, and
-    decoding it ourselves lets each row keep its z.
+    `model.sample_with_latent` draws from the model's prior (a cvae's per-class one, every layer of
+    a hierarchy) `batch_size` samples at a time from one CPU generator seeded per block, so a block's
+    bytes depend on (seed, block, batch_size, temperature), not on the device; each row keeps its z.
     """
 
     def __init__(self, model_dir: str, use_gpu: bool, batch_size: int, temperature: float, seed: int,
@@ -265,16 +265,14 @@ class GenerateBlock:
 
         from pipelines.data.build import encode_png
 
-        n, model = block["count"], self.model
+        n = block["count"]
         generator = torch.Generator().manual_seed(block["seed"])
         labels = None if block["labels"] is None else torch.tensor(block["labels"], dtype=torch.long)
         if self.filter is None:
-            z = model._prior_noise(n, model.config.latent_dim, generator, self.temperature)
-            pixels = self.decode(z, labels)
+            z, pixels = self.sample(n, labels, generator)
         else:  # the driver allows a filter for conditional models only, so labels is set
-            drawn = self.filter.draw(labels.numpy(), functools.partial(
-                model._prior_noise, dim=model.config.latent_dim, generator=generator, temperature=self.temperature),
-                self.decode, self.batch_size)
+            drawn = self.filter.draw(labels.numpy(), functools.partial(self.sample, generator=generator),
+                                     self.batch_size)
             z, pixels = drawn.z, drawn.pixels
             for label in drawn.drawn:
                 writer.tally("drawn", str(label), drawn.drawn[label])
@@ -309,17 +307,19 @@ class GenerateBlock:
             counts[str(label)] = len(rows)
         return counts
 
-    def decode(self, z: Any, labels: Any) -> np.ndarray:
-        """Latents (and labels) -> uint8 pixels (N, H, W, C), `batch_size` at a time."""
+    def sample(self, n: int, labels: Any, generator: Any) -> tuple[Any, np.ndarray]:
+        """n samples (labels: n class ids, or None) -> (z, uint8 pixels (N, H, W, C)), `batch_size` at a time."""
         import torch
 
-        pixels = []
+        latents, pixels = [], []
         with torch.inference_mode():
-            for i in range(0, len(z), self.batch_size):
-                chunk_labels = None if labels is None else labels[i:i + self.batch_size]
-                x = self.model.decode(z[i:i + self.batch_size], chunk_labels)
+            for i in range(0, n, self.batch_size):
+                count = min(self.batch_size, n - i)
+                chunk_labels = None if labels is None else labels[i:i + count]
+                x, z = self.model.sample_with_latent(count, chunk_labels, generator, self.temperature)
                 pixels.append((x * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
-        return torch.cat(pixels).numpy()
+                latents.append(z.cpu())
+        return torch.cat(latents), torch.cat(pixels).numpy()
 
 
 def run_generation(config: GenerateConfig) -> dict[str, Any]:

@@ -149,14 +149,14 @@ class SampleFilter:
         probabilities = predict_proba(self.classifier, images).cpu().numpy()
         return probabilities[np.arange(len(labels)), labels]
 
-    def draw(self, labels: np.ndarray, draw_noise: Callable[[int], Any],
-             decode: Callable[[Any, Any], np.ndarray], batch_size: int) -> FilteredDraw:
+    def draw(self, labels: np.ndarray, sample: Callable[[int, Any], tuple[Any, np.ndarray]],
+             batch_size: int) -> FilteredDraw:
         """Fill every slot of a block (`labels[i]` is slot i's label) with an accepted sample.
 
         Each round draws, label by label in label order, the candidates its shortfall calls for: round 0
         the shortfall itself, later rounds the shortfall over the rate seen so far (times MARGIN, at most
-        GROWTH times the draws so far). `draw_noise` is the block's one seeded generator, so the same
-        block gives the same candidates, the same decisions and the same bytes. The first accepted
+        GROWTH times the draws so far). `sample(n, labels)` -> (z, uint8 pixels) draws from the block's one
+        seeded generator, so the same block gives the same candidates, the same decisions and the same bytes. The first accepted
         candidates of a label, in draw order, fill its slots.
         """
         import torch
@@ -172,10 +172,9 @@ class SampleFilter:
             sizes = {label: self._round_size(need[label] - len(kept_z[label]), drawn[label], len(kept_z[label]))
                      for label in short}
             round_labels = torch.cat([torch.full((sizes[label],), label, dtype=torch.long) for label in short])
-            z = draw_noise(len(round_labels))
             for start in range(0, len(round_labels), batch_size):
-                chunk_z, chunk_labels = z[start:start + batch_size], round_labels[start:start + batch_size]
-                pixels = decode(chunk_z, chunk_labels)
+                chunk_labels = round_labels[start:start + batch_size]
+                chunk_z, pixels = sample(len(chunk_labels), chunk_labels)
                 passed = self.label_probability(pixels, chunk_labels.numpy()) >= self.confidence
                 for row in np.flatnonzero(passed):
                     label = int(chunk_labels[row])
