@@ -235,7 +235,10 @@ def test_pyfunc_loads_and_predicts_without_vaepipe(mlflow_server, runs, tmp_path
     with torch.no_grad():
         decoded = model.decode(torch.from_numpy(latents), torch.tensor([3, 3, 3, 3, 5, 5])).numpy()
     assert np.allclose(images, decoded, atol=1e-5)
-    assert np.allclose(latents[:4], torch.randn(4, 6, generator=torch.Generator().manual_seed(7)).numpy())
+    # ... and the z the model's own sampler draws for that seed (a cvae's class prior, not N(0, I))
+    expected_images, expected_z = model.sample_with_latent(4, torch.tensor([3] * 4), torch.Generator().manual_seed(7))
+    assert np.allclose(latents[:4], expected_z.numpy(), atol=1e-5)
+    assert np.allclose(images[:4], expected_images.numpy(), atol=1e-5)
     errors = result["errors"]
     assert "unknown label 'nope': use a class index 0..9 or one of 0, 1" in errors["label"]
     assert "n must be >= 1, got -1" in errors["n"]
