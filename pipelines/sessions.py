@@ -49,14 +49,14 @@ class Session:
 class LocalSession(Session):
     """One process, no Ray: keeps every report and the latest checkpoints.
 
-    With `checkpoint_root` (`vaepipe train --workers 0`) checkpoints are folders
-    `checkpoint_NNNNNN` there, the newest `keep` of them kept, and a new session in the same
-    folder resumes from the newest, as Ray Train does from its storage; without it they go to a
-    temporary folder (tests, benchmarks).
+    Checkpoints are folders `checkpoint_NNNNNN` (0, 1, ... in report order). With `checkpoint_root`
+    (`vaepipe train --workers 0`) they live there, the newest `keep` of them kept, and a new session
+    in the same folder resumes from the newest, as Ray Train does from its storage; without it they
+    all go to a temporary folder (tests, benchmarks).
     """
 
     def __init__(self, resume_from: str | Path | None = None, use_gpu: bool = False,
-                 checkpoint_root: str | Path | None = None, keep: int = 3):
+                 checkpoint_root: str | Path | None = None, keep: int | None = None):
         self.reports: list[dict[str, Any]] = []
         self._dir = Path(checkpoint_root) if checkpoint_root else Path(tempfile.mkdtemp(prefix="vaepipe-local-ckpt-"))
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -84,8 +84,9 @@ class LocalSession(Session):
             partial.rename(target)  # a checkpoint folder is complete or absent
             self._count += 1
             self._latest = _DirCheckpoint(target)
-            for old in self._checkpoints()[:-self._keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            if self._keep:
+                for old in self._checkpoints()[:-self._keep]:
+                    shutil.rmtree(old, ignore_errors=True)
 
     def _checkpoints(self) -> list[Path]:
         return sorted(p for p in self._dir.glob("checkpoint_*") if p.is_dir())

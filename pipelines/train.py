@@ -125,7 +125,8 @@ def _fit_in_process(config: TrainConfig, run_name: str, run_id: str) -> dict[str
         raise ConfigError("scaling.workers=0 trains in this process and keeps checkpoints on local disk: "
                           f"storage must be a local folder, not {config.storage}")
     tracking_uri = config.tracking_uri()
-    session = LocalSession(use_gpu=config.scaling.use_gpu, checkpoint_root=Path(config.storage) / run_name)
+    session = LocalSession(use_gpu=config.scaling.use_gpu, checkpoint_root=Path(config.storage) / run_name,
+                           keep=3)
     try:
         run_loop({**config.to_dict(), "mlflow_run_id": run_id}, session)
     except BaseException:

@@ -19,7 +19,10 @@ def config(data, **train):
 
 def test_loop_learns_and_reports_each_epoch(digits_dataset):
     session = LocalSession()
-    final = run_loop(config(digits_dataset), session)
+    # lr 3e-4: at 1e-3 this small model has plateaued (to 0.01 nats) by epoch 2 on well-mixed shards,
+    # and "improves every epoch" would test noise
+    cfg = {**config(digits_dataset), "optim": {"lr": 3e-4}}
+    final = run_loop(cfg, session)
     epochs = [r for r in session.reports if "val_elbo" in r]
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
     assert final["step"] == 3 * (1617 // 32)  # every batch of every epoch, one step each
@@ -33,7 +36,7 @@ def test_loop_learns_and_reports_each_epoch(digits_dataset):
     # the optimizer's last step used the rate the schedule gives for that step
     saved = torch.load(Path(session.latest_checkpoint) / OPTIMIZERS_FILE, weights_only=True)
     last_lr = saved["model"]["param_groups"][0]["lr"]
-    expected = TrainConfig.from_dict(config(digits_dataset)).optim.lr_at(final["step"] - 1, final["step"])
+    expected = TrainConfig.from_dict(cfg).optim.lr_at(final["step"] - 1, final["step"])
     assert last_lr == pytest.approx(expected)
 
 
@@ -55,7 +58,7 @@ def test_mid_epoch_checkpoint_resumes_within_the_epoch(digits_dataset):
     run_loop(config(digits_dataset, epochs=1, checkpoint_every=20), first)
     mid = [r for r in first.reports if "val_elbo" not in r]
     assert [r["step"] for r in mid] == [20, 40]
-    ckpt_dir = Path(first.latest_checkpoint).parent / "checkpoint-000002"  # the step-40 checkpoint
+    ckpt_dir = Path(first.latest_checkpoint).parent / "checkpoint_000001"  # the second: step 40
     assert read_state(ckpt_dir).batch == 40
     resumed = LocalSession(resume_from=ckpt_dir)
     final = run_loop(config(digits_dataset, epochs=1), resumed)
