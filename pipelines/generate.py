@@ -311,15 +311,17 @@ class GenerateBlock:
         """n samples (labels: n class ids, or None) -> (z, uint8 pixels (N, H, W, C)), `batch_size` at a time."""
         import torch
 
+        from pipelines.dataset_jobs import to_uint8
+
         latents, pixels = [], []
         with torch.inference_mode():
             for i in range(0, n, self.batch_size):
                 count = min(self.batch_size, n - i)
                 chunk_labels = None if labels is None else labels[i:i + count]
                 x, z = self.model.sample_with_latent(count, chunk_labels, generator, self.temperature)
-                pixels.append((x * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+                pixels.append(to_uint8(x))
                 latents.append(z.cpu())
-        return torch.cat(latents), torch.cat(pixels).numpy()
+        return torch.cat(latents), np.concatenate(pixels)
 
 
 def run_generation(config: GenerateConfig) -> dict[str, Any]:
