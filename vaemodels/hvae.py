@@ -74,7 +74,7 @@ class HVAE(VariationalModel):
     def __init__(self, config: HVAEConfig, input_shape, num_classes=None):
         super().__init__(config, input_shape, num_classes)
         dims = config.latent_dims
-        width = config.hidden_dim
+        width = config.dense_width
         # Bottom-up: d_1 = backbone(x), d_l = block(d_{l-1}); each d_l has a head giving x's own
         # estimate (mu_hat_l, logvar_hat_l) of layer l.
         self.encoder = build_encoder(config, self.input_shape)

@@ -58,7 +58,8 @@ def test_iwae_bounds_the_elbo_and_tightens_with_k(name, digits_batch):
     x = digits_batch["image"][:32]
     labels = digits_batch["label"][:32] if name == "cvae" else None
     elbo = model.elbo(x, labels, num_samples=200).mean()
-    ll_5 = model.log_likelihood(x, k=5, labels=labels).mean()
+    # E[IWAE_k] grows with k; one k=5 draw is noisy on an untrained model, so average 20 of them
+    ll_5 = torch.stack([model.log_likelihood(x, k=5, labels=labels).mean() for _ in range(20)]).mean()
     ll_500 = model.log_likelihood(x, k=500, labels=labels).mean()
     assert ll_500 >= elbo
     assert ll_500 >= ll_5 - 0.05
