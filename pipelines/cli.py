@@ -288,7 +288,7 @@ def pull_registered(model: str | None, tracking_uri: str | None, tmp: str) -> di
 GENERATE_FLAGS = {"out": "out", "num_samples": "num_samples", "per_class": "per_class", "seed": "seed",
                   "temperature": "temperature", "batch_size": "batch_size", "workers": "workers",
                   "gpu": "use_gpu", "overwrite": "overwrite", "filter_classifier": "filter_classifier",
-                  "filter_confidence": "filter_confidence"}
+                  "filter_confidence": "filter_confidence", "pixel_temperature": "pixel_temperature"}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -346,6 +346,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             tracking_uri=args.tracking_uri if args.run_id else None, run_id=args.run_id,
             classifier_steps=args.classifier_steps, reliability_floor=args.reliability_floor,
             augmentation_fractions=tuple(args.augmentation_fractions),
+            **({} if args.pixel_temperature is None else {"pixel_temperature": args.pixel_temperature}),
         )
         result = run_evaluation(config)
     emit({**result["metrics"], "model": args.model, "registry": registry, "out": result["out"],
@@ -576,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     count.add_argument("--per-class", type=int, help="samples per class (conditional models)")
     generate.add_argument("--seed", type=int, help="seed for labels and noise (default 0)")
     generate.add_argument("--temperature", type=float, help="prior noise scale (default 1.0)")
+    generate.add_argument("--pixel-temperature", type=finite_float, metavar="T",
+                          help="write the mean of p(x|z)^(1/T): below 1 sharpens a Bernoulli decoder's grey blur "
+                               "into strokes; 1 = the plain decoder mean; Gaussian likelihoods are unchanged "
+                               "(default 0.25)")
     generate.add_argument("--batch-size", type=int, help="samples decoded at once (default 256)")
     generate.add_argument("--workers", type=int, help="Ray Data actors (default 2)")
     generate.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="one GPU per actor")
@@ -627,6 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reliability-floor", type=float, default=0.9,
                           help="reference-classifier val accuracy below which classifier-based metrics are "
                                "marked unreliable (default 0.9)")
+    evaluate.add_argument("--pixel-temperature", type=finite_float, metavar="T",
+                          help="without --synthetic: the model's samples as `vaepipe generate --pixel-temperature T` "
+                               "writes them (default 0.25)")
     evaluate.add_argument("--run-id", help="MLflow run to log the metrics and OUT/ (under evaluation/) into")
     evaluate.set_defaults(func=cmd_evaluate)
 

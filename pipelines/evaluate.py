@@ -25,6 +25,7 @@ from pipelines.data import ShardStream, read_manifest
 from pipelines.data.manifest import Manifest
 from pipelines.data.reader import decode_png
 from pipelines.figures import display_scale, save_grid
+from pipelines.generate import DEFAULT_PIXEL_TEMPERATURE
 from pipelines.metrics import (accuracy, anomaly_scores, augmentation_gain, detection_metrics, features,
                                fit_classifier, frechet_distance, held_out_class_detection, memorisation,
                                mutual_information_gap, per_class_accuracy, precision_recall_density_coverage,
@@ -114,6 +115,7 @@ class EvaluateConfig:
     max_real: int = 5000  # at most this many real images per split are read
     num_synthetic: int = 2000  # samples drawn from the model (split evenly over classes when conditional),
     # or at most this many read from `synthetic`
+    pixel_temperature: float = DEFAULT_PIXEL_TEMPERATURE  # samples drawn here: as `vaepipe generate` writes them
     classifier_steps: int = 2000  # at most this many Adam steps per classifier; early stopping on a split of
     # real train usually ends sooner (same rule for the reference, CAS and every augmentation arm)
     reliability_floor: float = DEFAULT_FLOOR  # reference val accuracy below this marks dependent metrics unreliable
@@ -135,6 +137,8 @@ class EvaluateConfig:
             (self.seeds >= 1, f"seeds must be >= 1, got {self.seeds}"),
             (self.max_real >= 20, f"max_real must be >= 20, got {self.max_real}"),
             (self.num_synthetic >= 20, f"num_synthetic must be >= 20, got {self.num_synthetic}"),
+            (math.isfinite(self.pixel_temperature) and self.pixel_temperature > 0,
+             f"pixel_temperature must be > 0, got {self.pixel_temperature}"),
             (self.classifier_steps >= 1, f"classifier_steps must be >= 1, got {self.classifier_steps}"),
             (self.anomaly_steps >= 1, f"anomaly_steps must be >= 1, got {self.anomaly_steps}"),
             (0 <= self.reliability_floor <= 1, f"reliability_floor must be in [0, 1], got {self.reliability_floor}"),
@@ -337,7 +341,8 @@ def synthetic_set(model, config: EvaluateConfig, num_classes: int) -> tuple[Spli
             labels = torch.full((config.num_synthetic,), -1, dtype=torch.long)
             source = f"{config.num_synthetic} samples drawn from the model's prior"
         images = torch.cat([
-            model.sample(len(chunk), labels=chunk if model.is_conditional else None, generator=generator)
+            model.temper_pixels(model.sample(len(chunk), labels=chunk if model.is_conditional else None,
+                                             generator=generator), config.pixel_temperature)
             for chunk in labels.split(BATCH)]).cpu()
         # stored synthetic data is 8-bit PNG (pipelines/generate.py): judge the same pixels
         synthetic = Split((images * 255).round().clamp(0, 255) / 255, labels, None)

@@ -351,6 +351,18 @@ class DecoderLikelihood(nn.Module):
         """The image the decoder predicts, in [0, 1]."""
         return torch.sigmoid(params)
 
+    def tempered_mean(self, mean: torch.Tensor, pixel_temperature: float) -> torch.Tensor:
+        """Mean of the tempered likelihood p(x|z)^(1/T) (normalised), from the plain mean.
+
+        Bernoulli: p^(1/T) / (p^(1/T) + (1-p)^(1/T)) = sigmoid(logit(p) / T); below 1 it moves every
+        pixel towards its more likely value, the sharp strokes a Bernoulli mean smears out as grey
+        (the per-pixel independence assumption turns stroke-position uncertainty into blur). A Gaussian
+        tempered by 1/T keeps its mean, so Gaussian likelihoods are returned unchanged."""
+        if self.kind != "bernoulli" or pixel_temperature == 1.0:
+            return mean
+        eps = 1e-6
+        return torch.sigmoid(torch.logit(mean.clamp(eps, 1 - eps)) / pixel_temperature)
+
 
 # ----------------------------------------------------------------------------------------------
 # Gaussian helpers. logvar everywhere is log sigma^2; everything returns per-sample sums unless
@@ -492,6 +504,11 @@ class AutoEncoderModel(nn.Module):
                temperature: float = 1.0) -> torch.Tensor:
         raise NotImplementedError(f"model {self.name!r} is not generative")
 
+    def temper_pixels(self, images: torch.Tensor, pixel_temperature: float) -> torch.Tensor:
+        """Mean images of p(x|z)^(1/T) given those of p(x|z) (see DecoderLikelihood.tempered_mean):
+        what generation writes with `pixel_temperature` < 1. Unchanged for models without a p(x|z)."""
+        return images
+
     @torch.no_grad()
     def sample_with_latent(self, n: int, labels: torch.Tensor | None = None,
                            generator: torch.Generator | None = None,
@@ -534,6 +551,9 @@ class VariationalModel(AutoEncoderModel):
 
     is_variational = True
     is_generative = True
+
+    def temper_pixels(self, images: torch.Tensor, pixel_temperature: float) -> torch.Tensor:
+        return self.likelihood.tempered_mean(images, pixel_temperature)
 
     def log_importance_weights(self, x: torch.Tensor, num_samples: int,
                                labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,7 +16,8 @@ import torch
 import vaemodels
 from pipelines.batch_job import BlockWriter, OutputExistsError, verify_files
 from pipelines.config import ConfigError
-from pipelines.generate import GenerateBlock, GenerateConfig, plan_blocks, resolve_out, run_generation
+from pipelines.generate import (DEFAULT_PIXEL_TEMPERATURE, GenerateBlock, GenerateConfig, plan_blocks, resolve_out,
+                                 run_generation)
 
 PER_CLASS, NUM_CLASSES, BLOCK_SIZE = 200, 10, 250  # 2,000 rows in 8 blocks
 
@@ -86,6 +87,9 @@ def test_blocks_are_a_pure_function_of_the_request(cvae_dir):
     ({"per_class": None}, "exactly one of num_samples and per_class (got neither)"),
     ({"temperature": 0.0}, "temperature must be > 0"),
     ({"temperature": -1}, "temperature must be > 0"),
+    ({"pixel_temperature": 0.0}, "pixel_temperature must be > 0"),
+    ({"pixel_temperature": -0.5}, "pixel_temperature must be > 0"),
+    ({"pixel_temperature": float("nan")}, "pixel_temperature must be > 0"),
     ({"block_size": 0}, "block_size must be >= 1"),
     ({"workers": "two"}, "workers must be an integer"),
     ({"samples": 3}, "unknown config key(s): samples"),
@@ -110,6 +114,26 @@ def test_model_dependent_problems_fail_before_anything_is_written(cvae_dir, vae_
     with pytest.raises(ConfigError, match="'ae' model, which is not generative"):
         run_generation(request(save(tmp_path_factory, "ae", "ae"), out, per_class=None, num_samples=5))
     assert not out.exists()
+
+
+def test_pixel_temperature_sharpens_the_written_pngs_and_is_part_of_the_request(cvae_dir, tmp_path):
+    """The default request writes tempered means (pixels pushed away from grey, same ordering), records
+    the pixel temperature in the request; a pixel temperature of 1 writes the plain decoder mean and
+    leaves the request as it was before the option existed."""
+    from pipelines.generate import generation_request, inspect_model
+
+    block = {"index": 0, "start": 0, "count": 200, "seed": 11, "labels": [3] * 200}
+    pixels = {}
+    for t in (1.0, DEFAULT_PIXEL_TEMPERATURE):
+        fn = GenerateBlock(cvae_dir, False, 64, 1.0, 0, {"name": "", "version": "", "uri": ""}, None,
+                           pixel_temperature=t)
+        pixels[t] = fn.sample(200, torch.tensor(block["labels"]), torch.Generator().manual_seed(11))[1].astype(int)
+    plain, sharp = pixels[1.0], pixels[DEFAULT_PIXEL_TEMPERATURE]
+    assert np.all(np.sign(sharp - 128) * np.sign(plain - 128) >= 0)  # each pixel stays on its side of grey
+    assert np.abs(sharp - 127.5).mean() > np.abs(plain - 127.5).mean() + 20
+    model = inspect_model(request(cvae_dir, tmp_path))
+    assert generation_request(request(cvae_dir, tmp_path), model)["pixel_temperature"] == DEFAULT_PIXEL_TEMPERATURE
+    assert "pixel_temperature" not in generation_request(request(cvae_dir, tmp_path, pixel_temperature=1.0), model)
 
 
 def test_example_config_is_valid():
@@ -184,7 +208,8 @@ def test_rows_files_and_pngs_are_exactly_the_request(generated, ray_session):
 
 @pytest.mark.ray
 def test_rows_are_the_models_own_samples(generated, cvae_dir):
-    """Each row's image is what model.sample() draws from its block seed, and decode(latent) again."""
+    """Each row's image is what model.sample() draws from its block seed, and decode(latent) again,
+    both tempered by the default pixel temperature (the request's)."""
     from PIL import Image
 
     model = vaemodels.load_model(cvae_dir)
@@ -194,10 +219,11 @@ def test_rows_are_the_models_own_samples(generated, cvae_dir):
     generator = torch.Generator().manual_seed(int(block["block_seed"].iloc[0]))
     offset = int(block["sample_index"].iloc[0]) - 3 * BLOCK_SIZE  # rows of the block before label 4
     expected = model.sample(offset + len(block), torch.full((offset + len(block),), 4), generator)[offset:]
+    expected = model.temper_pixels(expected, DEFAULT_PIXEL_TEMPERATURE)
     stored = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in block["image"]])
     assert np.abs(stored.astype(int) - (expected[:, 0] * 255).round().numpy().astype(int)).max() <= 1
     latents = torch.tensor(np.stack(block["latent"]))
-    again = model.decode(latents, labels)[:, 0].detach()
+    again = model.temper_pixels(model.decode(latents, labels), DEFAULT_PIXEL_TEMPERATURE)[:, 0].detach()
     assert np.abs(stored.astype(int) - (again * 255).round().numpy().astype(int)).max() <= 1
 
 

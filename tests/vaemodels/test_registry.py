@@ -102,3 +102,19 @@ def test_cvae_latents_come_from_the_class_prior():
     labels = torch.tensor([7] * 500 + [2] * 500)
     _, z = model.sample_with_latent(1000, labels, torch.Generator().manual_seed(0))
     assert abs(z[:500].mean().item() - 5.0) < 0.2 and abs(z[500:].mean().item()) < 0.2
+
+
+def test_tempered_pixels_sharpen_bernoulli_means_only():
+    """p(x|z)^(1/T): a Bernoulli mean moves away from 0.5 (0.5 and the ordering kept, 1 = unchanged);
+    Gaussian likelihoods and models without p(x|z) return their images untouched."""
+    means = torch.linspace(0.01, 0.99, 99).view(1, 1, 9, 11)
+    bernoulli = build("vae")
+    sharp = bernoulli.temper_pixels(means, 0.25)
+    assert torch.equal(bernoulli.temper_pixels(means, 1.0), means)
+    assert torch.allclose(sharp.flatten()[49], torch.tensor(0.5), atol=1e-5)  # 0.5 is its own mode
+    assert ((sharp - 0.5).abs() >= (means - 0.5).abs() - 1e-6).all() and (sharp.flatten().diff() > 0).all()
+    p = torch.tensor(0.7)  # closed form: p^4 / (p^4 + (1-p)^4)
+    assert torch.allclose(bernoulli.temper_pixels(p.view(1, 1, 1, 1), 0.25).squeeze(), p ** 4 / (p ** 4 + (1 - p) ** 4))
+    gaussian = vaemodels.build("vae", (1, 8, 8), backbone="mlp", likelihood="gaussian")
+    assert torch.equal(gaussian.temper_pixels(means, 0.25), means)
+    assert torch.equal(build("ae").temper_pixels(means, 0.25), means)
