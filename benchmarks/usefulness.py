@@ -5,6 +5,11 @@ again by classifiers vaepipe did not write (scikit-learn's SVC and HistGradientB
 pixels), so the verdict does not rest on vaepipe's own evaluator. Writes a section of BENCHMARKS.md.
 
     python -m benchmarks.usefulness [--dataset mnist5k|shapes] [--epochs E] [--per-class N]
+        [--filter-confidence P (default 0.9; 0 skips that arm)] [--plain-mean] [--keep DIR]
+
+Arms, each generated from the one trained model and judged the same way: `vaepipe generate`'s defaults;
+optionally `--pixel-temperature 1` (the plain decoder mean); classifier-filtered sampling with the
+reference classifier the first evaluation saved (`--filter-classifier REPORT/reference_classifier`).
 
 Targets (issue 12): mnist5k `cvae` trained in <= 5 min, reference accuracy >= 0.97, CAS >= 0.90 x
 TRTR, augmentation gain at 10% real > 0 beyond one std; shapes reference accuracy >= 0.95, CAS >=
@@ -98,7 +103,27 @@ def outside_check(data: Path, synthetic: Path, class_names: list[str], seeds: in
     return result
 
 
-def run(dataset: str, epochs: int, per_class: int, workdir: Path) -> dict:
+def judge_arm(data: Path, model: str, workdir: Path, arm: str, class_names: list[str], generate_args: list[str],
+              per_class: int) -> dict:
+    """generate -> evaluate -> outside check for one way of generating."""
+    synthetic, report = workdir / f"synthetic-{arm}", workdir / f"report-{arm}"
+    generated, generate_s = vaepipe("generate", "--model", model, "--out", str(synthetic),
+                                    "--per-class", str(per_class), "--seed", "1", *generate_args)
+    print(f"[bench] {arm}: generated in {generate_s:.0f} s (acceptance {generated.get('acceptance_rate')})",
+          file=sys.stderr)
+    _, evaluate_s = vaepipe("evaluate", "--model", model, "--data", str(data), "--synthetic", str(synthetic),
+                            "--out", str(report))
+    metrics = json.loads((report / "metrics.json").read_text())
+    outside = outside_check(data, synthetic, class_names)
+    print(f"[bench] {arm}: evaluated in {evaluate_s:.0f} s: CAS {metrics.get('cas')}, outside {outside}",
+          file=sys.stderr)
+    return {"arm": arm, "generate_args": generate_args, "generate_s": generate_s, "evaluate_s": evaluate_s,
+            "acceptance_rate": generated.get("acceptance_rate"), "metrics": metrics, "outside": outside,
+            "report": str(report)}
+
+
+def run(dataset: str, epochs: int, per_class: int, workdir: Path, filter_confidence: float | None,
+        plain_mean: bool) -> dict:
     data, storage = workdir / "data", workdir / "runs"
     build, _ = vaepipe("data", "build", *DATASETS[dataset]["build"], "--out", str(data))
     print(f"[bench] built {build['samples']}", file=sys.stderr)
@@ -106,54 +131,76 @@ def run(dataset: str, epochs: int, per_class: int, workdir: Path) -> dict:
                                "--storage", str(storage), "--name", f"{dataset}-cvae")
     print(f"[bench] trained in {train_s:.0f} s: {trained['metrics'].get('val_elbo')}", file=sys.stderr)
     model = str(Path(trained["checkpoint"]) / "model")
-    generated, generate_s = vaepipe("generate", "--model", model, "--out", str(workdir / "synthetic"),
-                                    "--per-class", str(per_class), "--seed", "1")
-    evaluated, evaluate_s = vaepipe("evaluate", "--model", model, "--data", str(data),
-                                    "--synthetic", str(workdir / "synthetic"), "--out", str(workdir / "report"))
-    metrics = json.loads((workdir / "report" / "metrics.json").read_text())
     class_names = json.loads((data / "manifest.json").read_text())["class_names"]
-    outside = outside_check(data, workdir / "synthetic", class_names)
+    # the default generation (sharpened means), then the plain decoder mean it replaced, then (optionally)
+    # classifier-filtered sampling with the reference classifier the first evaluation saved
+    arms = [judge_arm(data, model, workdir, "default", class_names, [], per_class)]
+    if plain_mean:
+        arms.append(judge_arm(data, model, workdir, "plain-mean", class_names, ["--pixel-temperature", "1"], per_class))
+    if filter_confidence is not None:
+        classifier = str(Path(arms[0]["report"]) / "reference_classifier")
+        arms.append(judge_arm(data, model, workdir, f"filtered-{filter_confidence:g}", class_names,
+                              ["--filter-classifier", classifier, "--filter-confidence", str(filter_confidence)],
+                              per_class))
     return {"dataset": dataset, "epochs": epochs, "per_class": per_class, "train_s": train_s,
-            "generate_s": generate_s, "evaluate_s": evaluate_s, "val_elbo": trained["metrics"].get("val_elbo"),
-            "val_active_units": trained["metrics"].get("val_active_units"), "metrics": metrics, "outside": outside}
+            "val_elbo": trained["metrics"].get("val_elbo"),
+            "val_active_units": trained["metrics"].get("val_active_units"), "arms": arms}
+
+
+ARM_TITLES = {"default": "`vaepipe generate` defaults (pixel temperature 0.25)",
+              "plain-mean": "`--pixel-temperature 1` (the plain decoder mean, the default before)"}
 
 
 def section(r: dict) -> str:
-    m, target = r["metrics"], DATASETS[r["dataset"]]
+    target = DATASETS[r["dataset"]]
     verdict = lambda ok: "**met**" if ok else "**missed**"
     lines = [
         f"## Usefulness of synthetic data, {r['dataset']} (benchmarks/usefulness.py)",
         "",
         f"{time.strftime('%Y-%m-%d')}: `vaepipe train --model cvae --epochs {r['epochs']}` (all other settings "
-        f"default), `vaepipe generate --per-class {r['per_class']}`, `vaepipe evaluate --synthetic`; one training "
-        f"run, evaluation gains over its seeds; 2-core CPU, 1-min load average {os.getloadavg()[0]:.1f} at the end "
-        "(other work ran beside it: wall times are upper bounds).",
+        f"default), then per arm `vaepipe generate --per-class {r['per_class']} --seed 1 [ARM FLAGS]` and "
+        "`vaepipe evaluate --synthetic` (defaults: gains over 3 seeds); one training run; 2-core CPU, 1-min load "
+        f"average {os.getloadavg()[0]:.1f} at the end (other work ran beside it: wall times are upper bounds).",
         "",
         f"Training {r['train_s']:.0f} s (whole command, Ray start-up included), val ELBO {r['val_elbo']:.1f}, "
-        f"active units {r['val_active_units']:.0f}; generation {r['generate_s']:.0f} s; evaluation {r['evaluate_s']:.0f} s.",
+        f"active units {r['val_active_units']:.0f}.",
         "",
-        "| judge | TRTR | CAS / TSTR | ratio | gain at 10% real (± std) |",
-        "|---|---|---|---|---|",
-        f"| vaepipe reference CNN (held-out accuracy {m['reference_accuracy']:.3f}) | {m['trtr_accuracy']:.3f} | "
-        f"{m['cas']:.3f} | {m['cas_ratio']:.3f} | {m['augmentation_gain_10pct']:+.3f} ± {m['augmentation_gain_10pct_std']:.3f} |",
-        *[f"| scikit-learn {name.upper()} on pixels (outside check) | {o['trtr']:.3f} | {o['tstr']:.3f} | "
-          f"{o['ratio']:.3f} | {o['gain_10pct']:+.3f} ± {o['gain_10pct_std']:.3f} |" for name, o in r["outside"].items()],
-        "",
-        f"Memorisation: ratio {m.get('memorisation_ratio', float('nan')):.2f}, copies {m.get('copy_fraction', float('nan')):.3f} "
-        f"(val base rate {m.get('val_copy_fraction', float('nan')):.3f}). FID {m.get('fid', float('nan')):.2f}, "
-        f"precision {m.get('precision', float('nan')):.3f}, recall {m.get('recall', float('nan')):.3f}. Worst class CAS "
-        f"{m.get('cas_worst_class', float('nan')):.3f}.",
-        "",
-        f"Targets: reference accuracy >= {target['reference']} {verdict(m['reference_accuracy'] >= target['reference'])}; "
-        f"CAS >= {target['cas_ratio']} x TRTR {verdict(m['cas_ratio'] >= target['cas_ratio'])}",
+        "| arm | judge | TRTR | CAS / TSTR | ratio | gain at 10% real (± std) |",
+        "|---|---|---|---|---|---|",
     ]
-    if r["dataset"] == "mnist5k":
-        gain_ok = m["augmentation_gain_10pct"] > m["augmentation_gain_10pct_std"]
-        lines[-1] += (f"; gain at 10% > 0 beyond one std {verdict(gain_ok)}; training <= {target['train_s']} s "
-                      f"{verdict(r['train_s'] <= target['train_s'])}.")
-    else:
-        lines[-1] += "."
-    return "\n".join(lines)
+    for a in r["arms"]:
+        m = a["metrics"]
+        title = ARM_TITLES.get(a["arm"], f"`{' '.join(a['generate_args'][2:])}` filter, acceptance "
+                                          f"{a['acceptance_rate'] or float('nan'):.2f}")
+        lines.append(f"| {title} | vaepipe reference CNN (val accuracy {m['reference_accuracy']:.3f}) | "
+                     f"{m['trtr_accuracy']:.3f} | {m['cas']:.3f} | {m['cas_ratio']:.3f} | "
+                     f"{m['augmentation_gain_10pct']:+.3f} ± {m['augmentation_gain_10pct_std']:.3f} |")
+        lines += [f"| | scikit-learn {name.upper()} on pixels (outside check) | {o['trtr']:.3f} | {o['tstr']:.3f} | "
+                  f"{o['ratio']:.3f} | {o['gain_10pct']:+.3f} ± {o['gain_10pct_std']:.3f} |"
+                  for name, o in a["outside"].items()]
+    lines.append("")
+    for a in r["arms"]:
+        m = a["metrics"]
+        gains = ", ".join(f"{f}: {m[f'augmentation_gain_{f}']:+.3f} ± {m[f'augmentation_gain_{f}_std']:.3f}"
+                          for f in ("1pct", "10pct", "100pct") if f"augmentation_gain_{f}" in m)
+        lines.append(
+            f"- {a['arm']}: gains (reference CNN) {gains}; memorisation ratio {m.get('memorisation_ratio', float('nan')):.2f}, "
+            f"copies {m.get('copy_fraction', float('nan')):.3f} (val base rate {m.get('val_copy_fraction', float('nan')):.3f}); "
+            f"FID {m.get('fid', float('nan')):.2f}, precision {m.get('precision', float('nan')):.3f}, recall "
+            f"{m.get('recall', float('nan')):.3f}; worst-class CAS {m.get('cas_worst_class', float('nan')):.3f}; "
+            f"generation {a['generate_s']:.0f} s, evaluation {a['evaluate_s']:.0f} s.")
+    lines.append("")
+    for a in r["arms"]:
+        m = a["metrics"]
+        line = (f"Targets, {a['arm']}: reference accuracy >= {target['reference']} "
+                f"{verdict(m['reference_accuracy'] >= target['reference'])}; CAS >= {target['cas_ratio']} x TRTR "
+                f"{verdict(m['cas_ratio'] >= target['cas_ratio'])}")
+        if r["dataset"] == "mnist5k":
+            gain_ok = m["augmentation_gain_10pct"] > m["augmentation_gain_10pct_std"]
+            line += (f"; gain at 10% > 0 beyond one std {verdict(gain_ok)}; training <= {target['train_s']} s "
+                     f"{verdict(r['train_s'] <= target['train_s'])}")
+        lines += [line + ".", ""]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,16 +210,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=400)
     parser.add_argument("--report", default="BENCHMARKS.md")
     parser.add_argument("--keep", help="keep the work folder here instead of a temporary one")
+    parser.add_argument("--filter-confidence", type=float, default=0.9,
+                        help="also judge classifier-filtered generation at this confidence (0 = skip the arm)")
+    parser.add_argument("--plain-mean", action="store_true",
+                        help="also judge `--pixel-temperature 1` (the plain decoder mean)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.keep) if args.keep else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        result = run(args.dataset, args.epochs, args.per_class, workdir)
+        result = run(args.dataset, args.epochs, args.per_class, workdir, args.filter_confidence or None, args.plain_mean)
     from benchmarks.report import update_section
 
     update_section(args.report, section(result))
-    print(json.dumps({k: v for k, v in result.items() if k != "metrics"} | {
-        "metrics": {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}}))
+    summary = {**{k: v for k, v in result.items() if k != "arms"}, "arms": [
+        {**{k: v for k, v in a.items() if k != "metrics"},
+         "metrics": {k: v for k, v in a["metrics"].items() if isinstance(v, (int, float))}} for a in result["arms"]]}
+    if args.keep:
+        (Path(args.keep) / "usefulness-result.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
     return 0
 
 
