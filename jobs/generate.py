@@ -9,8 +9,8 @@ import sys
 import tempfile
 
 from jobs._entry import run_job
-from pipelines.generate import GenerateConfig, run_generation
-from pipelines.registry import pull
+from pipelines.batch.generate import GenerateConfig, run_generation
+from pipelines.registry.versions import pull
 
 
 def pull_and_generate(data: dict) -> dict:

@@ -4,9 +4,9 @@ scheduler); an optional top-level `register_as: NAME` registers the best trial's
 import sys
 
 from jobs._entry import run_job
-from pipelines.registry import RegisterRequest, register_run
-from pipelines.tune import run_search
-from pipelines.tune_config import TuneConfig
+from pipelines.registry.versions import RegisterRequest, register_run
+from pipelines.training.search import run_search
+from pipelines.training.search_config import TuneConfig
 
 
 def search_and_register(data: dict) -> dict:

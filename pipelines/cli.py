@@ -152,7 +152,7 @@ def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> di
 def check_tracking_early(tracking_uri: str | None) -> None:
     """An HTTP tracking server that does not answer fails the command before torch and Ray are
     imported (seconds on a busy machine); the pipelines check again where they connect."""
-    from pipelines.tracking import check_reachable
+    from pipelines.registry.tracking import check_reachable
 
     uri = tracking_uri_or_env(tracking_uri)
     if uri:
@@ -162,8 +162,8 @@ def check_tracking_early(tracking_uri: str | None) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     check_data_flag(args.data)
     check_tracking_early(config_from_args(args).get("tracking", {}).get("tracking_uri"))
-    from pipelines.train import resume_training, run_training
-    from pipelines.train_config import TrainConfig
+    from pipelines.training.train import resume_training, run_training
+    from pipelines.training.config import TrainConfig
 
     if args.resume:
         storage = config_from_args(args).get("storage", "runs")
@@ -176,7 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 # -- vaepipe register / pull ---------------------------------------------------------------------
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from pipelines.registry import RegisterRequest, register_run
+    from pipelines.registry.versions import RegisterRequest, register_run
 
     tracking_uri = tracking_uri_or_env(args.tracking_uri)
     if not tracking_uri:
@@ -187,7 +187,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from pipelines.registry import pull
+    from pipelines.registry.versions import pull
 
     tracking_uri = tracking_uri_or_env(args.tracking_uri)
     if not tracking_uri:
@@ -247,15 +247,15 @@ def tune_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_tune(args: argparse.Namespace) -> int:
     check_data_flag(args.data)
     check_tracking_early(tune_config_from_args(args).get("base", {}).get("tracking", {}).get("tracking_uri"))
-    from pipelines.tracking import connect
-    from pipelines.tune import run_search
-    from pipelines.tune_config import TuneConfig
+    from pipelines.registry.tracking import connect
+    from pipelines.training.search import run_search
+    from pipelines.training.search_config import TuneConfig
 
     config = TuneConfig.from_dict(tune_config_from_args(args))
     result = run_search(config)
     registered = None
     if args.register_as:
-        from pipelines.registry import RegisterRequest, register_run
+        from pipelines.registry.versions import RegisterRequest, register_run
 
         connect(result["tracking_uri"]).set_tag(result["parent_run_id"], "vaepipe.register_as", args.register_as)
         registered = register_run(RegisterRequest(run_id=result["best"]["run_id"], name=args.register_as,
@@ -273,7 +273,7 @@ def pull_registered(model: str | None, tracking_uri: str | None, tmp: str) -> di
         if not Path(model).is_dir():
             raise ValueError(f"--model {model}: no such folder; give a saved model folder or models:/NAME@ALIAS")
         return None
-    from pipelines.registry import pull
+    from pipelines.registry.versions import pull
 
     tracking_uri = tracking_uri_or_env(tracking_uri)
     if not tracking_uri:
@@ -295,7 +295,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import tempfile
 
     from pipelines.config import apply_overrides, load_config_file
-    from pipelines.generate import GenerateConfig, run_generation
+    from pipelines.batch.generate import GenerateConfig, run_generation
 
     data = load_config_file(args.config) if args.config else {}
     for flag, key in GENERATE_FLAGS.items():
@@ -323,11 +323,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import tempfile
 
-    from pipelines.evaluate import EvaluateConfig, run_evaluation
+    from pipelines.evaluation.evaluate import EvaluateConfig, run_evaluation
 
     check_data_flag(args.data)
     if args.synthetic:
-        from pipelines.batch_job import SUCCESS_NAME
+        from pipelines.batch.job import SUCCESS_NAME
 
         if not (Path(args.synthetic) / SUCCESS_NAME).is_file():
             raise ValueError(f"--synthetic {args.synthetic} is not a finished `vaepipe generate` output (no "
@@ -386,7 +386,7 @@ class removed_on_failure:
 
 # -- vaepipe embed / score / denoise / interpolate ------------------------------------------------
 
-# flag -> config key, shared by the jobs that read a dataset (pipelines/dataset_jobs.py)
+# flag -> config key, shared by the jobs that read a dataset (pipelines/batch/dataset.py)
 DATASET_JOB_FLAGS = {"data": "data", "split": "split", "out": "out", "batch_size": "batch_size",
                      "workers": "workers", "gpu": "use_gpu", "overwrite": "overwrite"}
 
@@ -412,27 +412,27 @@ def run_dataset_job(args: argparse.Namespace, config_class: type, run: Callable[
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from pipelines.embed import EmbedConfig, run_embedding
+    from pipelines.batch.embed import EmbedConfig, run_embedding
 
     return run_dataset_job(args, EmbedConfig, run_embedding, {})
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from pipelines.score import ScoreConfig, run_scoring
+    from pipelines.batch.score import ScoreConfig, run_scoring
 
     return run_dataset_job(args, ScoreConfig, run_scoring,
                            {"target_fpr": "target_fpr", "reference": "reference", "seed": "seed"})
 
 
 def cmd_denoise(args: argparse.Namespace) -> int:
-    from pipelines.denoise import DenoiseConfig, run_denoising
+    from pipelines.batch.denoise import DenoiseConfig, run_denoising
 
     return run_dataset_job(args, DenoiseConfig, run_denoising,
                            {"noise": "noise", "noise_level": "noise_level", "seed": "seed"})
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
-    from pipelines.interpolate import InterpolateConfig, run_interpolation
+    from pipelines.batch.interpolate import InterpolateConfig, run_interpolation
 
     return run_dataset_job(args, InterpolateConfig, run_interpolation,
                            {"pairs": "pairs", "steps": "steps", "traverse": "traverse", "seed": "seed"})

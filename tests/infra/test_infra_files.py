@@ -220,8 +220,8 @@ def test_configmap_configs_pass_the_job_entry_points(configmap_configs, monkeypa
     parsing and validation run; only the pipeline call itself is replaced by a recorder."""
     import jobs.train
     import jobs.tune
-    from pipelines.train_config import TrainConfig
-    from pipelines.tune_config import TuneConfig
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.search_config import TuneConfig
 
     seen = {}
 
@@ -249,7 +249,7 @@ def test_configmap_configs_pass_the_job_entry_points(configmap_configs, monkeypa
 
 def test_generate_configmap_config_passes_the_generate_entry_point(configmap_configs, monkeypatch):
     jobs_generate = pytest.importorskip("jobs.generate")
-    from pipelines.generate import GenerateConfig
+    from pipelines.batch.generate import GenerateConfig
 
     seen = {}
 
