@@ -8,7 +8,6 @@ import argparse
 import errno
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -27,11 +26,6 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
-
-
-def tracking_uri_or_env(flag: str | None) -> str | None:
-    """--tracking-uri, else MLFLOW_TRACKING_URI (what MLflow itself and the cluster images use)."""
-    return flag or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
 def check_data_flag(data: str | None) -> None:
@@ -152,7 +146,7 @@ def config_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> di
 def check_tracking_early(tracking_uri: str | None) -> None:
     """An HTTP tracking server that does not answer fails the command before torch and Ray are
     imported (seconds on a busy machine); the pipelines check again where they connect."""
-    from pipelines.registry.tracking import check_reachable
+    from pipelines.registry.tracking import check_reachable, tracking_uri_or_env
 
     uri = tracking_uri_or_env(tracking_uri)
     if uri:
@@ -176,6 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 # -- vaepipe register / pull ---------------------------------------------------------------------
 
 def cmd_register(args: argparse.Namespace) -> int:
+    from pipelines.registry.tracking import tracking_uri_or_env
     from pipelines.registry.versions import RegisterRequest, register_run
 
     tracking_uri = tracking_uri_or_env(args.tracking_uri)
@@ -187,6 +182,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from pipelines.registry.tracking import tracking_uri_or_env
     from pipelines.registry.versions import pull
 
     tracking_uri = tracking_uri_or_env(args.tracking_uri)
@@ -247,39 +243,11 @@ def tune_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_tune(args: argparse.Namespace) -> int:
     check_data_flag(args.data)
     check_tracking_early(tune_config_from_args(args).get("base", {}).get("tracking", {}).get("tracking_uri"))
-    from pipelines.registry.tracking import connect
-    from pipelines.training.search import run_search
     from pipelines.training.search_config import TuneConfig
+    from pipelines.workflows import search_and_register
 
-    config = TuneConfig.from_dict(tune_config_from_args(args))
-    result = run_search(config)
-    registered = None
-    if args.register_as:
-        from pipelines.registry.versions import RegisterRequest, register_run
-
-        connect(result["tracking_uri"]).set_tag(result["parent_run_id"], "vaepipe.register_as", args.register_as)
-        registered = register_run(RegisterRequest(run_id=result["best"]["run_id"], name=args.register_as,
-                                                  tracking_uri=result["tracking_uri"], metric=config.search.metric))
-    emit({**result, "register_as": args.register_as, "registered": registered})
+    emit(search_and_register(TuneConfig.from_dict(tune_config_from_args(args)), args.register_as))
     return 0
-
-
-def pull_registered(model: str | None, tracking_uri: str | None, tmp: str) -> dict[str, Any] | None:
-    """A models:/ --model is pulled (checksums verified) into `tmp`; returns registry.pull's info,
-    or None when --model is a folder (or absent) and is used as it is."""
-    if model is None:
-        return None
-    if not model.startswith("models:/"):
-        if not Path(model).is_dir():
-            raise ValueError(f"--model {model}: no such folder; give a saved model folder or models:/NAME@ALIAS")
-        return None
-    from pipelines.registry.versions import pull
-
-    tracking_uri = tracking_uri_or_env(tracking_uri)
-    if not tracking_uri:
-        raise ValueError(f"--model {model} needs --tracking-uri (or MLFLOW_TRACKING_URI)")
-    _, info = pull(model, tracking_uri, f"{tmp}/model")
-    return info
 
 
 # -- vaepipe generate -----------------------------------------------------------------------------
@@ -292,10 +260,8 @@ GENERATE_FLAGS = {"out": "out", "num_samples": "num_samples", "per_class": "per_
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import tempfile
-
     from pipelines.config import apply_overrides, load_config_file
-    from pipelines.batch.generate import GenerateConfig, run_generation
+    from pipelines.workflows import pull_and_generate
 
     data = load_config_file(args.config) if args.config else {}
     for flag, key in GENERATE_FLAGS.items():
@@ -307,23 +273,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.per_class is not None:
         data.pop("num_samples", None)
     data = apply_overrides(data, args.assignments)
-    with tempfile.TemporaryDirectory(prefix="vaepipe-model-") as tmp:
-        info = pull_registered(args.model, args.tracking_uri, tmp)
-        if info is not None:
-            data.update(model_dir=info["path"], model_uri=args.model, model_name=info["name"],
-                        model_version=str(info["version"]))
-        elif args.model is not None:
-            data.update(model_dir=args.model, model_uri=data.get("model_uri") or args.model)
-        emit(run_generation(GenerateConfig.from_dict(data)))
+    emit(pull_and_generate(data, args.model, args.tracking_uri))
     return 0
 
 
 # -- vaepipe evaluate -----------------------------------------------------------------------------
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import tempfile
-
     from pipelines.evaluation.evaluate import EvaluateConfig, run_evaluation
+    from pipelines.workflows import resolved_model
 
     check_data_flag(args.data)
     if args.synthetic:
@@ -332,9 +290,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not (Path(args.synthetic) / SUCCESS_NAME).is_file():
             raise ValueError(f"--synthetic {args.synthetic} is not a finished `vaepipe generate` output (no "
                              f"{SUCCESS_NAME}); rerun the generate command to finish it")
-    with tempfile.TemporaryDirectory(prefix="vaepipe-evaluate-") as tmp, removed_on_failure(args.out):
-        # pulled outside --out, so the weights are not logged again with the report
-        pulled = pull_registered(args.model, args.tracking_uri, tmp)
+    # pulled outside --out, so the weights are not logged again with the report
+    with removed_on_failure(args.out), resolved_model(args.model, args.tracking_uri) as pulled:
         model_dir, registry = args.model, None
         if pulled is not None:
             model_dir = pulled["path"]
@@ -395,19 +352,12 @@ def run_dataset_job(args: argparse.Namespace, config_class: type, run: Callable[
                     flags: dict[str, str]) -> int:
     """Flags -> the job's config -> run it. A models:/ --model is pulled (checksums verified) into a
     temporary folder first; a folder is used as it is."""
-    import tempfile
+    from pipelines.workflows import pull_and_run
 
     check_data_flag(args.data)
     data = {key: getattr(args, flag) for flag, key in {**DATASET_JOB_FLAGS, **flags}.items()
             if getattr(args, flag, None) is not None}
-    with tempfile.TemporaryDirectory(prefix="vaepipe-model-") as tmp:
-        info = pull_registered(args.model, args.tracking_uri, tmp)
-        if info is not None:
-            data.update(model_dir=info["path"], model_uri=args.model, model_name=info["name"],
-                        model_version=str(info["version"]))
-        else:
-            data.update(model_dir=args.model)
-        emit(run(config_class.from_dict(data)))
+    emit(pull_and_run(data, config_class, run, args.model, args.tracking_uri))
     return 0
 
 

@@ -5,6 +5,7 @@ weights (pickle-free model folder) and sample / reconstruction / interpolation g
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import urllib.error
 import urllib.request
@@ -53,6 +54,15 @@ def connect(tracking_uri: str, must_exist: bool = False):
     except MlflowException as exc:
         raise TrackingError(f"unsupported tracking URI {tracking_uri!r}: {str(exc).splitlines()[0][:300]} "
                             "(use sqlite:///PATH or http://HOST:PORT)") from None
+
+
+def tracking_uri_or_env(tracking_uri: str | None) -> str | None:
+    """The given tracking URI, else MLFLOW_TRACKING_URI (what MLflow itself and the cluster images use)."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def set_run_tag(tracking_uri: str, run_id: str, key: str, value: str) -> None:
+    connect(tracking_uri).set_tag(run_id, key, value)
 
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any],
