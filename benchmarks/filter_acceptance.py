@@ -29,7 +29,7 @@ def main() -> None:
     from pipelines.evaluation.evaluate import early_stopping_split, load_split
     from pipelines.batch.generate import GenerateConfig, run_generation
     from pipelines.evaluation.metrics.classifier import accuracy, fit_classifier, save_classifier
-    from pipelines.training.train import ensure_ray
+    from pipelines.ray_runtime import ensure_ray
 
     work = Path(args.workdir)
     data = work / args.source

@@ -21,7 +21,8 @@ LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 
 
 class ConfigError(ValueError):
-    """A model config field has a bad value or an unknown name."""
+    """A config field (a model's, or any pipelines config's) is unknown, missing or has a bad value:
+    the one error class for bad configuration, so callers catch a single type."""
 
 
 @dataclass(frozen=True)
@@ -505,6 +506,14 @@ class AutoEncoderModel(nn.Module):
         if self.is_conditional:
             return self.decode(z, self._check_labels(labels, n).to(self.device)), z
         return self.decode(z), z
+
+    def condition_on(self, labels) -> torch.Tensor | None:
+        """What this model's `labels` argument takes for these class ids: None for an unconditional
+        model; a long tensor on the model's device otherwise (-1 kept where a label is unknown: a family
+        that can infer it, like ssvae, does; the others refuse). Pipelines call this, not is_conditional."""
+        if not self.is_conditional or labels is None:
+            return None
+        return torch.as_tensor(labels, dtype=torch.long, device=self.device)
 
     # -- helpers for subclasses ---------------------------------------------------------------
     @property

@@ -1,7 +1,7 @@
 """What the batch jobs that read a dataset (embed, score, denoise, interpolate) share on top of the
-Ray Data skeleton (pipelines/batch/job.py): their common config, one block per input shard, reading
-a shard exactly (sha256 and sample count checked against the manifest), and the checks that a model
-and a dataset fit together, done once on the driver before anything is written.
+Ray Data skeleton (pipelines/batch/job.py) and its model side (pipelines/batch/model.py): their common
+config, one block per input shard, reading a shard exactly (sha256 and sample count checked against
+the manifest), and the checks that a model and a dataset fit together, done once on the driver.
 Not here: what a job computes or which columns it writes (each job's own module).
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from pipelines.config import ConfigError, from_dict
+from pipelines.batch.model import UNLABELLED, load_saved_model
 from pipelines.data.manifest import Manifest, read_manifest
 
-UNLABELLED = -1  # label of a sample from a dataset without classes (as in the shards)
 
 
 @dataclass(frozen=True)
@@ -56,33 +56,6 @@ class DatasetJobConfig:
         return dataclasses.asdict(self)
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the driver knows about the model once it has checked it against the dataset."""
-
-    name: str  # registry name, e.g. "vae"
-    input_shape: tuple[int, int, int]
-    num_classes: int | None  # None for unconditional models
-    latent_dim: int
-    is_generative: bool
-    sha256: str  # of config.json + weights: the model's identity in the request
-
-
-def absolute(location: str) -> str:
-    """Ray workers do not share the driver's working directory: give them absolute paths."""
-    return location if "://" in location else str(Path(location).resolve())
-
-
-def model_sha256(folder: Path) -> str:
-    # the same identity as pipelines.batch.generate.inspect_model, so one model has one sha256 everywhere
-    from pipelines.data.manifest import file_sha256
-
-    digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        digest.update(file_sha256(str(folder / name)).encode())
-    return digest.hexdigest()
-
-
 def open_dataset(location: str, split: str) -> Manifest:
     """The manifest, once the split is known to exist and hold samples (ManifestError/ConfigError otherwise)."""
     manifest = read_manifest(location)
@@ -93,16 +66,8 @@ def open_dataset(location: str, split: str) -> Manifest:
 
 def open_model(config: DatasetJobConfig, manifest: Manifest):
     """Load the model on the driver and check it fits the dataset; returns (model, ModelInfo)."""
-    import vaemodels
-
-    folder = Path(config.model_dir)
-    try:
-        model = vaemodels.load_model(folder)
-    except (FileNotFoundError, ValueError) as exc:  # vaemodels.ConfigError is a ValueError
-        raise ConfigError(f"model_dir {folder}: {exc}") from exc
+    model, info = load_saved_model(config.model_dir)
     check_fits(model, manifest)
-    info = ModelInfo(model.name, tuple(model.input_shape), model.num_classes if model.is_conditional else None,
-                     model.config.latent_dim, model.is_generative, model_sha256(folder))
     return model, info
 
 
@@ -128,11 +93,6 @@ def check_unlabelled(model, manifest: Manifest, what: str,
     except ValueError as exc:
         raise ConfigError(f"the {model.name!r} model is conditional and the dataset {manifest.location} has no "
                           f"class labels, so it cannot {what}: {exc}") from None
-
-
-def model_request(config: DatasetJobConfig, info: ModelInfo) -> dict[str, Any]:
-    return {"uri": config.model_uri or str(Path(config.model_dir).resolve()), "name": config.model_name,
-            "version": config.model_version, "sha256": info.sha256}
 
 
 def shard_blocks(manifest: Manifest, split: str) -> list[dict[str, Any]]:
@@ -178,27 +138,6 @@ def read_shard(url: str, block: dict[str, Any]) -> ShardSamples:
     return ShardSamples(torch.stack([decode_png(s["png"]) for s in samples]),
                         np.array([int(s["cls"]) for s in samples], dtype=np.int64),
                         np.array([int(s["__key__"]) for s in samples], dtype=np.int64))
-
-
-def model_labels(model, labels: np.ndarray | torch.Tensor) -> torch.Tensor | None:
-    """What the model's label argument takes: the class ids for a conditional model, else None."""
-    return torch.as_tensor(labels, dtype=torch.long, device=model.device) if model.is_conditional else None
-
-
-def load_worker_model(model_dir: str, use_gpu: bool):
-    import vaemodels
-
-    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    return vaemodels.load_model(model_dir, map_location=device)  # in eval mode
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """B x C x H x W in [0, 1] -> uint8 B x H x W x C, as pipelines.data.build.encode_png takes it."""
-    return (images * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def label_folder(label: int) -> str:
-    return "unlabelled" if label == UNLABELLED else str(label)
 
 
 def summary(out: Path, result) -> dict[str, Any]:

@@ -15,12 +15,11 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from pipelines.batch.job import BatchJob, BlockWriter, run_batch_job
+from pipelines.batch.job import BatchJob, BlockWriter, block_seed, run_batch_job
 from pipelines.config import ConfigError
-from pipelines.batch.dataset import (DatasetJobConfig, absolute, check_unlabelled, label_folder, load_worker_model,
-                                    model_labels, model_request, open_dataset, open_model, output_name, read_shard,
-                                    shard_blocks, shard_urls, summary, to_uint8)
-from pipelines.batch.generate import block_seed
+from pipelines.batch.dataset import (DatasetJobConfig, check_unlabelled, open_dataset, open_model, output_name,
+                                     read_shard, shard_blocks, shard_urls, summary)
+from pipelines.batch.model import absolute, label_folder, load_worker_model, model_request, to_uint8
 from vaemodels.dae import CORRUPTIONS, DAEConfig
 
 NOISES = (*CORRUPTIONS, "none")  # "none": the dataset is noisy already; denoise it as it is
@@ -78,7 +77,7 @@ def corrupt(x: torch.Tensor, noise: str, level: float, generator: torch.Generato
 
 
 def denoise_images(model, images: torch.Tensor, labels) -> torch.Tensor:
-    return model.reconstruct(images, model_labels(model, labels))
+    return model.reconstruct(images, model.condition_on(labels))
 
 
 class DenoiseBlock:

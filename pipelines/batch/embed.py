@@ -15,9 +15,9 @@ import pyarrow as pa
 import torch
 
 from pipelines.batch.job import BatchJob, BlockWriter, run_batch_job
-from pipelines.batch.dataset import (DatasetJobConfig, absolute, check_unlabelled, load_worker_model, model_labels,
-                                    model_request, open_dataset, open_model, output_name, read_shard, shard_blocks,
-                                    shard_urls, summary)
+from pipelines.batch.dataset import (DatasetJobConfig, check_unlabelled, open_dataset, open_model, output_name,
+                                     read_shard, shard_blocks, shard_urls, summary)
+from pipelines.batch.model import absolute, load_worker_model, model_request
 
 SCHEMA = pa.schema([
     ("index", pa.int64()),  # the sample's position in the dataset's source (its shard key)
@@ -35,7 +35,7 @@ class EmbedConfig(DatasetJobConfig):
 
 def codes(model, images: torch.Tensor, labels) -> torch.Tensor:
     """The deterministic code; conditional models (cvae) encode the image together with its class."""
-    return model.embed(images, model_labels(model, labels))
+    return model.embed(images, model.condition_on(labels))
 
 
 class EmbedBlock:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +17,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.batch.job import BatchJob, BlockWriter, run_batch_job
+from pipelines.batch.job import BatchJob, BlockWriter, block_seed, run_batch_job
+from pipelines.batch.model import (UNLABELLED, ModelInfo, label_folder, load_saved_model, load_worker_model,
+                                   model_class_names, model_request, to_uint8)
 from pipelines.config import ConfigError, from_dict
 from pipelines.batch.sample_filter import FilterInfo, SampleFilter, inspect_filter, summarize
 
-LABELS_STREAM, BLOCKS_STREAM = 0, 1  # SeedSequence spawn keys: labels and per-block noise never share numbers
-UNLABELLED = -1  # label (and partition) of samples from an unconditional model
+LABELS_STREAM = 0  # SeedSequence spawn key of the labels (block noise is BLOCKS_STREAM, pipelines/batch/job.py)
 # label is not a column in the files: it is the hive partition (label=K in the path), and readers
 # (pandas, pyarrow.dataset, Ray) refuse a column that is both in the files and in the path
 SCHEMA = pa.schema([
@@ -102,34 +102,12 @@ class GenerateConfig:
         return dataclasses.asdict(self)
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the driver needs to know about the model before planning (read once, on the driver)."""
-
-    name: str  # registry name, e.g. "cvae"
-    input_shape: tuple[int, int, int]
-    num_classes: int | None  # None for unconditional models
-    latent_dim: int
-    sha256: str  # of config.json + weights: the model's identity in the request
-
-
 def resolve_out(out: str, today: datetime.date | None = None) -> Path:
     return Path(out.replace("{date}", (today or datetime.date.today()).isoformat()))
 
 
-def inspect_model(config: GenerateConfig) -> ModelInfo:
-    """Load the model once on the driver and check the request fits it; ConfigError names the problem."""
-    import vaemodels
-    from pipelines.data.manifest import file_sha256
-
-    folder = Path(config.model_dir)
-    if not folder.is_dir():
-        raise ConfigError(f"model_dir {folder}: no such folder, so it is not a saved model (one holds "
-                          "config.json and model.safetensors)")
-    try:
-        model = vaemodels.load_model(folder)
-    except (FileNotFoundError, ValueError) as exc:  # vaemodels.ConfigError is a ValueError
-        raise ConfigError(f"model_dir {folder}: {exc}") from exc
+def check_request_fits(config: GenerateConfig, model, folder: str) -> None:
+    """The request against the model it samples; ConfigError names the problem."""
     if not model.is_generative:
         raise ConfigError(f"model_dir {folder} holds a {model.name!r} model, which is not generative "
                           "(it has no prior to sample from)")
@@ -140,40 +118,17 @@ def inspect_model(config: GenerateConfig) -> ModelInfo:
     if config.class_names is not None and (not conditional or len(config.class_names) != model.num_classes):
         raise ConfigError(f"class_names has {len(config.class_names)} names but the {model.name!r} model has "
                           f"{model.num_classes if conditional else 'no'} classes")
-    digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        digest.update(file_sha256(str(folder / name)).encode())
-    return ModelInfo(model.name, tuple(model.input_shape), model.num_classes if conditional else None,
-                     model.config.latent_dim, digest.hexdigest())
 
 
-def model_class_names(model_dir: str) -> list[str] | None:
-    """The class names a model was trained with (its dataset.json), if it has them."""
-    from pipelines.registry.tracking import read_dataset_info
-
-    names = (read_dataset_info(model_dir) or {}).get("class_names")
-    return [str(n) for n in names] if names else None
-
-
-def with_model_class_names(config: GenerateConfig) -> GenerateConfig:
+def with_model_class_names(config: GenerateConfig, info: ModelInfo) -> GenerateConfig:
     """Without explicit class_names, a model trained by vaepipe names its classes itself (its
     dataset.json, registered with it); models saved without one keep numeric folders."""
-    from pipelines.registry.tracking import read_dataset_info
-
     if config.class_names is not None:
         return config
-    names = (read_dataset_info(config.model_dir) or {}).get("class_names")
-    if not names:
+    names = model_class_names(config.model_dir)
+    if not names or info.num_classes is None or len(names) != info.num_classes:
         return config
-    import vaemodels
-
-    try:
-        model = vaemodels.load_model(config.model_dir)
-    except (FileNotFoundError, ValueError):
-        return config  # inspect_model reports it
-    if not model.is_conditional or len(names) != model.num_classes:
-        return config
-    return dataclasses.replace(config, class_names=tuple(str(n) for n in names))
+    return dataclasses.replace(config, class_names=tuple(names))
 
 
 def generation_request(config: GenerateConfig, model: ModelInfo, sample_filter: FilterInfo | None = None
@@ -183,8 +138,7 @@ def generation_request(config: GenerateConfig, model: ModelInfo, sample_filter: 
     because float rounding can differ with the batch shape and the device. A filter is in it by its
     classifier's sha256 and confidence (only when set: unfiltered requests are what they always were)."""
     request = {
-        "model": {"uri": config.model_uri or str(Path(config.model_dir).resolve()), "name": config.model_name,
-                  "version": config.model_version, "sha256": model.sha256},
+        "model": model_request(config, model),
         "num_samples": config.num_samples,
         "per_class": config.per_class,
         "seed": config.seed,
@@ -197,12 +151,6 @@ def generation_request(config: GenerateConfig, model: ModelInfo, sample_filter: 
     if sample_filter is not None:
         request["filter"] = {"classifier_sha256": sample_filter.sha256, "confidence": sample_filter.confidence}
     return request
-
-
-def block_seed(seed: int, index: int) -> int:
-    """Block `index`'s noise seed: a pure function of (seed, index), 63 bits so it fits int64."""
-    state = np.random.SeedSequence(seed, spawn_key=(BLOCKS_STREAM, index)).generate_state(1, np.uint64)[0]
-    return int(state >> np.uint64(1))
 
 
 def plan_blocks(config: GenerateConfig, num_classes: int | None) -> list[dict[str, Any]]:
@@ -241,24 +189,14 @@ class GenerateBlock:
     def __init__(self, model_dir: str, use_gpu: bool, batch_size: int, temperature: float, seed: int,
                  provenance: dict[str, str], class_names: list[str] | None, filter_classifier: str | None = None,
                  filter_confidence: float | None = None):
-        import torch
-
-        import vaemodels
-
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.model = vaemodels.load_model(model_dir, map_location=device)  # in eval mode
+        self.model = load_worker_model(model_dir, use_gpu)
         self.batch_size = batch_size
         self.temperature = temperature
         self.seed = seed
         self.provenance = provenance
         self.class_names = class_names
         self.filter = None if filter_classifier is None else \
-            SampleFilter(filter_classifier, filter_confidence, device, class_names)
-
-    def folder(self, label: int) -> str:
-        if label == UNLABELLED:
-            return "unlabelled"
-        return self.class_names[label] if self.class_names else str(label)
+            SampleFilter(filter_classifier, filter_confidence, self.model.device, class_names)
 
     def __call__(self, block: dict[str, Any], writer: BlockWriter) -> dict[str, int]:
         import torch
@@ -287,7 +225,7 @@ class GenerateBlock:
             rows = np.flatnonzero(label_of == label)
             pngs = [encode_png(pixels[r]) for r in rows]
             for r, png in zip(rows, pngs):
-                writer.write_bytes(f"images/{self.folder(label)}/{ids[r]}.png", png)
+                writer.write_bytes(f"images/{label_folder(label, self.class_names)}/{ids[r]}.png", png)
             latent = pa.FixedSizeListArray.from_arrays(latents[rows].reshape(-1), latents.shape[1]).cast(
                 SCHEMA.field("latent").type)
             table = pa.table({
@@ -311,8 +249,6 @@ class GenerateBlock:
         """n samples (labels: n class ids, or None) -> (z, uint8 pixels (N, H, W, C)), `batch_size` at a time."""
         import torch
 
-        from pipelines.batch.dataset import to_uint8
-
         latents, pixels = [], []
         with torch.inference_mode():
             for i in range(0, n, self.batch_size):
@@ -326,8 +262,9 @@ class GenerateBlock:
 
 def run_generation(config: GenerateConfig) -> dict[str, Any]:
     """Generate per `config` into `out` (resuming an interrupted run); returns where things are."""
-    config = with_model_class_names(config)
-    model = inspect_model(config)
+    loaded, model = load_saved_model(config.model_dir)
+    config = with_model_class_names(config, model)
+    check_request_fits(config, loaded, config.model_dir)
     sample_filter = None
     if config.filter_classifier is not None:
         sample_filter = inspect_filter(config.filter_classifier, config.filter_confidence, model.name,

@@ -20,9 +20,9 @@ from PIL import Image
 from pipelines.batch.job import BatchJob, BlockWriter, run_batch_job
 from pipelines.config import ConfigError
 from pipelines.data.manifest import Manifest
-from pipelines.batch.dataset import (DatasetJobConfig, absolute, check_unlabelled, load_worker_model, model_labels,
-                                    model_request, open_dataset, open_model, read_shard, shard_blocks, shard_urls,
-                                    summary)
+from pipelines.batch.dataset import (DatasetJobConfig, check_unlabelled, open_dataset, open_model, read_shard,
+                                     shard_blocks, shard_urls, summary)
+from pipelines.batch.model import absolute, load_worker_model, model_request
 from pipelines.figures import display_scale, image_grid
 
 TRAVERSE_RANGE = 3.0  # traversals span -3..3 prior standard deviations: almost all of N(0, 1)
@@ -70,14 +70,14 @@ def plan_block(manifest: Manifest, config: InterpolateConfig) -> dict[str, Any]:
 
 def line_codes(model, images: torch.Tensor, labels, steps: int) -> torch.Tensor:
     """`steps` codes on the straight line from the first image's code to the second's."""
-    a, b = model.embed(images, model_labels(model, labels))
+    a, b = model.embed(images, model.condition_on(labels))
     t = torch.linspace(0.0, 1.0, steps, device=a.device)[:, None]
     return (1 - t) * a + t * b
 
 
 def traversal_codes(model, image: torch.Tensor, label, steps: int) -> torch.Tensor:
     """latent_dim x steps codes: the image's code with one dimension swept over -3..3 per row."""
-    base = model.embed(image, model_labels(model, label))[0]
+    base = model.embed(image, model.condition_on(label))[0]
     values = torch.linspace(-TRAVERSE_RANGE, TRAVERSE_RANGE, steps, device=base.device)
     z = base.repeat(base.numel(), steps, 1)
     for d in range(base.numel()):
@@ -118,14 +118,14 @@ class InterpolateBlock:
             for p, pair in enumerate(block["pairs"]):
                 (xa, ya, a), (xb, yb, b) = sample(pair[0]), sample(pair[1])
                 z = line_codes(model, torch.cat([xa, xb]), np.concatenate([ya, yb]), steps)
-                images = model.decode(z, model_labels(model, ya.repeat(steps)))
+                images = model.decode(z, model.condition_on(ya.repeat(steps)))
                 path = f"grids/interp-{p:03d}.png"
                 writer.write_bytes(path, grid_png(images, nrow=steps))
                 listing["interpolations"].append({"file": path, "from": a, "to": b, "decoded_label": a["label"]})
             if block["traverse"] is not None:
                 x, y, which = sample(block["traverse"])
                 z = traversal_codes(model, x, y, steps)
-                images = model.decode(z, model_labels(model, y.repeat(len(z))))
+                images = model.decode(z, model.condition_on(y.repeat(len(z))))
                 writer.write_bytes("grids/traverse.png", grid_png(images, nrow=steps))
                 listing["traverse"] = {"file": "grids/traverse.png", "sample": which,
                                        "rows": "latent dimensions 0..latent_dim-1",
@@ -138,7 +138,7 @@ class InterpolateBlock:
 
 
 def _decode_own_code(model, images: torch.Tensor, labels) -> torch.Tensor:
-    return model.decode(model.embed(images, model_labels(model, labels)), model_labels(model, labels))
+    return model.decode(model.embed(images, model.condition_on(labels)), model.condition_on(labels))
 
 
 def run_interpolation(config: InterpolateConfig) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -30,6 +31,7 @@ LOCK_NAME = ".vaepipe.lock"  # held (flock) by the run writing into the folder; 
 TMP_SUFFIX = ".tmp"  # temporaries are ".NAME.tmp": hidden from pyarrow/Ray readers, swept on the next run
 # block_fn_kwargs naming folders the actors need (a few MB each): shipped through Ray's object store, so an
 # actor's node need not see the driver's disk
+BLOCKS_STREAM = 1  # SeedSequence spawn key of the per-block noise (generate's labels use 0: never the same numbers)
 SHIPPED_FOLDERS = ("model_dir", "filter_classifier")
 
 
@@ -118,6 +120,12 @@ class BlockWriter:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, **options)
         self.write_bytes(relpath, sink.getvalue().to_pybytes(), rows=table.num_rows)
+
+
+def block_seed(seed: int, index: int) -> int:
+    """Block `index`'s noise seed: a pure function of (seed, index), 63 bits so it fits int64."""
+    state = np.random.SeedSequence(seed, spawn_key=(BLOCKS_STREAM, index)).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))
 
 
 def spec_sha256(block: dict[str, Any]) -> str:
@@ -322,7 +330,7 @@ def _run_blocks(job: BatchJob, todo: list[dict[str, Any]]) -> None:
     import ray
     import ray.data
 
-    from pipelines.training.train import ensure_ray
+    from pipelines.ray_runtime import ensure_ray
 
     ensure_ray()  # started only here: a no-op or refused rerun never waits for Ray
     if job.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:

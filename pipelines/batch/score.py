@@ -16,13 +16,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipelines.batch.job import BatchJob, BlockWriter, run_batch_job
+from pipelines.batch.job import BatchJob, BlockWriter, block_seed, run_batch_job
 from pipelines.config import ConfigError
 from pipelines.data.manifest import Manifest
-from pipelines.batch.dataset import (DatasetJobConfig, absolute, check_fits, load_worker_model, model_request,
-                                    open_dataset, open_model, output_name, read_shard, shard_blocks, shard_urls,
-                                    summary)
-from pipelines.batch.generate import block_seed
+from pipelines.batch.dataset import (DatasetJobConfig, check_fits, open_dataset, open_model, output_name, read_shard,
+                                     shard_blocks, shard_urls, summary)
+from pipelines.batch.model import absolute, load_worker_model, model_request
 
 THRESHOLD_SPLIT = "val"  # the threshold is set on held-out normal data, never on what it judges in training
 SCHEMA = pa.schema([

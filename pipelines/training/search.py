@@ -23,7 +23,8 @@ import fsspec
 from pipelines.config import ConfigError, set_dotted
 from pipelines.data import read_manifest
 from pipelines.registry.tracking import connect, end_run, start_run
-from pipelines.training.train import ensure_ray, final_metrics
+from pipelines.ray_runtime import ensure_ray
+from pipelines.training.train import final_metrics
 from pipelines.training.config import TrainConfig, validate_model_params
 from pipelines.training.search_config import AXES, TuneConfig
 

@@ -6,7 +6,6 @@ FailureConfig restarts. Relaunching with the same run name resumes from its late
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import replace
@@ -17,6 +16,7 @@ import fsspec
 
 from pipelines.config import ConfigError
 from pipelines.data import read_manifest
+from pipelines.ray_runtime import ensure_ray
 from pipelines.registry.tracking import end_run, start_run
 from pipelines.training.config import TrainConfig, validate_model_params
 
@@ -26,18 +26,6 @@ RUN_INFO_FILE = "vaepipe-run.json"  # beside Ray's files in storage/NAME: config
 def storage_root(config: TrainConfig) -> str:
     """Ray wants an absolute local path or a URI."""
     return config.storage if "://" in config.storage else str(Path(config.storage).resolve())
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Join `address` or RAY_ADDRESS when given (e.g. "auto" for the cluster this node belongs to,
-    or the address Ray sets inside a job); otherwise start a fresh local instance. Not attaching
-    silently to whatever cluster last ran on this machine keeps local runs local."""
-    import ray
-
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True,
-                 include_dashboard=False, configure_logging=False)
 
 
 def absolute_paths(config: TrainConfig) -> TrainConfig:

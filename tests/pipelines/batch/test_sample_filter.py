@@ -232,7 +232,7 @@ def test_classifier_of_other_classes_is_refused(tmp_path_factory, bad_classifier
 
 
 def test_job_config_takes_the_filter_keys(cvae_dir, tmp_path):
-    from jobs.generate import pull_and_generate
+    from pipelines.workflows import pull_and_generate
 
     config = {"model_dir": cvae_dir, "out": str(tmp_path / "out"), "per_class": 3,
               "filter_classifier": str(tmp_path / "nowhere"), "filter_confidence": 0.9}
