@@ -411,7 +411,15 @@ def linear_warmup(step: int, warmup_steps: int) -> float:
 
 def active_units(posterior_means: torch.Tensor, threshold: float = 0.01) -> int:
     """Active units (Burda et al. 2016): dims whose posterior mean varies over the data, Cov_x(E_q[z]) > threshold."""
-    return int((posterior_means.float().var(dim=0) > threshold).sum().item())
+    means = posterior_means.double()
+    return active_units_from_moments(len(means), means.sum(0), (means**2).sum(0), threshold)
+
+
+def active_units_from_moments(count, total: torch.Tensor, total_sq: torch.Tensor, threshold: float = 0.01) -> int:
+    """The same count from the sums of the posterior means and of their squares over `count` samples:
+    the population variance E[m^2] - E[m]^2, so sums gathered across workers give the one answer."""
+    variance = total_sq / count - (total / count) ** 2
+    return int((variance > threshold).sum().item())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,13 +515,39 @@ class AutoEncoderModel(nn.Module):
             return self.decode(z, self._check_labels(labels, n).to(self.device)), z
         return self.decode(z), z
 
-    def condition_on(self, labels) -> torch.Tensor | None:
+    def condition_on(self, labels, all_known: bool = False) -> torch.Tensor | None:
         """What this model's `labels` argument takes for these class ids: None for an unconditional
-        model; a long tensor on the model's device otherwise (-1 kept where a label is unknown: a family
-        that can infer it, like ssvae, does; the others refuse). Pipelines call this, not is_conditional."""
+        model; a long tensor on the model's device otherwise, -1 kept where a label is unknown (a family
+        that can infer it, like ssvae, does; the others refuse). With `all_known`, None unless every
+        label is known. Pipelines call this instead of branching on is_conditional."""
         if not self.is_conditional or labels is None:
             return None
-        return torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        return None if all_known and bool((labels < 0).any()) else labels
+
+    @torch.no_grad()
+    def interpolate(self, x: torch.Tensor, steps: int, labels=None) -> torch.Tensor:
+        """`steps` images decoded on the straight line from x[0]'s code to x[1]'s (conditional models:
+        in x[0]'s class). What every interpolation figure and grid draws."""
+        labels = self.condition_on(labels)
+        a, b = self.embed(x, labels)[:2]
+        t = torch.linspace(0.0, 1.0, steps, device=a.device)[:, None]
+        return self.decode((1 - t) * a + t * b, None if labels is None else labels[:1].repeat(steps))
+
+    @torch.no_grad()
+    def traverse(self, x: torch.Tensor, values: torch.Tensor, dims: list[int] | None = None,
+                 labels=None) -> torch.Tensor:
+        """Latent traversal: x[0]'s code with each of `dims` (default every one) swept over `values`,
+        the rest fixed; one row of len(values) images per dimension, rows in the order of `dims`."""
+        labels = self.condition_on(labels)
+        base = self.embed(x[:1], None if labels is None else labels[:1])[0]
+        dims = list(range(base.numel())) if dims is None else list(dims)
+        values = torch.as_tensor(values, dtype=base.dtype, device=base.device)
+        z = base.repeat(len(dims), len(values), 1)
+        for row, d in enumerate(dims):
+            z[row, :, d] = values
+        z = z.flatten(0, 1)
+        return self.decode(z, None if labels is None else labels[:1].repeat(len(z)))
 
     # -- helpers for subclasses ---------------------------------------------------------------
     @property

@@ -68,23 +68,6 @@ def plan_block(manifest: Manifest, config: InterpolateConfig) -> dict[str, Any]:
             "traverse": pairs[0][0] if config.traverse else None, "steps": config.steps}
 
 
-def line_codes(model, images: torch.Tensor, labels, steps: int) -> torch.Tensor:
-    """`steps` codes on the straight line from the first image's code to the second's."""
-    a, b = model.embed(images, model.condition_on(labels))
-    t = torch.linspace(0.0, 1.0, steps, device=a.device)[:, None]
-    return (1 - t) * a + t * b
-
-
-def traversal_codes(model, image: torch.Tensor, label, steps: int) -> torch.Tensor:
-    """latent_dim x steps codes: the image's code with one dimension swept over -3..3 per row."""
-    base = model.embed(image, model.condition_on(label))[0]
-    values = torch.linspace(-TRAVERSE_RANGE, TRAVERSE_RANGE, steps, device=base.device)
-    z = base.repeat(base.numel(), steps, 1)
-    for d in range(base.numel()):
-        z[d, :, d] = values
-    return z.flatten(0, 1)
-
-
 def grid_png(images: torch.Tensor, nrow: int) -> bytes:
     image = Image.fromarray(image_grid(images, nrow))
     scale = display_scale(images.shape[-1])
@@ -117,15 +100,13 @@ class InterpolateBlock:
         with torch.inference_mode():
             for p, pair in enumerate(block["pairs"]):
                 (xa, ya, a), (xb, yb, b) = sample(pair[0]), sample(pair[1])
-                z = line_codes(model, torch.cat([xa, xb]), np.concatenate([ya, yb]), steps)
-                images = model.decode(z, model.condition_on(ya.repeat(steps)))
+                images = model.interpolate(torch.cat([xa, xb]), steps, np.concatenate([ya, yb]))
                 path = f"grids/interp-{p:03d}.png"
                 writer.write_bytes(path, grid_png(images, nrow=steps))
                 listing["interpolations"].append({"file": path, "from": a, "to": b, "decoded_label": a["label"]})
             if block["traverse"] is not None:
                 x, y, which = sample(block["traverse"])
-                z = traversal_codes(model, x, y, steps)
-                images = model.decode(z, model.condition_on(y.repeat(len(z))))
+                images = model.traverse(x, torch.linspace(-TRAVERSE_RANGE, TRAVERSE_RANGE, steps), labels=y)
                 writer.write_bytes("grids/traverse.png", grid_png(images, nrow=steps))
                 listing["traverse"] = {"file": "grids/traverse.png", "sample": which,
                                        "rows": "latent dimensions 0..latent_dim-1",

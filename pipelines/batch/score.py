@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from pipelines.batch.job import BatchJob, BlockWriter, block_seed, run_batch_job
 from pipelines.config import ConfigError
 from pipelines.data.manifest import Manifest
+from pipelines.evaluation.metrics.anomaly import anomaly_scores
 from pipelines.batch.dataset import (DatasetJobConfig, check_fits, open_dataset, open_model, output_name, read_shard,
                                      shard_blocks, shard_urls, summary)
 from pipelines.batch.model import absolute, load_worker_model, model_request
@@ -47,22 +47,11 @@ class ScoreConfig(DatasetJobConfig):
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
 
 
-def score_images(model, images: torch.Tensor, seed: int, batch_size: int) -> np.ndarray:
-    """anomaly_score over `images` in batches. Variational scores draw z from torch's global generator:
-    seeded here (and put back after), so a block's scores depend only on its seed, images and batch size."""
-    devices = [model.device] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
-        torch.manual_seed(seed)
-        scores = [model.anomaly_score(images[i:i + batch_size].to(model.device)).cpu()
-                  for i in range(0, len(images), batch_size)]
-    return torch.cat(scores).double().numpy()
-
-
 def score_split(model, manifest: Manifest, split: str, seed: int, batch_size: int) -> np.ndarray:
     """Every score of a split, block by block exactly as the job computes them, in block order."""
     urls = shard_urls(manifest, split)
     return np.concatenate([
-        score_images(model, read_shard(urls[block["shard"]], block).images, block_seed(seed, block["index"]),
+        anomaly_scores(model, read_shard(urls[block["shard"]], block).images, block_seed(seed, block["index"]),
                      batch_size)
         for block in shard_blocks(manifest, split)])
 
@@ -80,7 +69,7 @@ class ScoreBlock:
 
     def __call__(self, block: dict[str, Any], writer: BlockWriter) -> dict[str, int]:
         samples = read_shard(self.shard_urls[block["shard"]], block)
-        scores = score_images(self.model, samples.images, block_seed(self.seed, block["index"]), self.batch_size)
+        scores = anomaly_scores(self.model, samples.images, block_seed(self.seed, block["index"]), self.batch_size)
         flagged = scores > self.threshold
         table = pa.table({"index": pa.array(samples.indices), "label": pa.array(samples.labels),
                           "score": pa.array(scores), "flagged": pa.array(flagged)}, schema=SCHEMA)

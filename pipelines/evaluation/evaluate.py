@@ -6,7 +6,6 @@ Not here: resolving models:/ URIs (pipelines.registry.pull gives the folder).
 """
 from __future__ import annotations
 
-import dataclasses
 import html
 import json
 import math
@@ -336,9 +335,8 @@ def synthetic_set(model, config: EvaluateConfig, num_classes: int) -> tuple[Spli
         else:
             labels = torch.full((config.num_synthetic,), -1, dtype=torch.long)
             source = f"{config.num_synthetic} samples drawn from the model's prior"
-        images = torch.cat([
-            model.sample(len(chunk), labels=chunk if model.is_conditional else None, generator=generator)
-            for chunk in labels.split(BATCH)]).cpu()
+        images = torch.cat([model.sample(len(chunk), labels=model.condition_on(chunk), generator=generator)
+                            for chunk in labels.split(BATCH)]).cpu()
         # stored synthetic data is 8-bit PNG (pipelines/batch/generate.py): judge the same pixels
         synthetic = Split((images * 255).round().clamp(0, 255) / 255, labels, None)
     else:
@@ -367,10 +365,6 @@ def early_stopping_split(train: Split, fraction: float, seed: int) -> tuple[Spli
 # ----------------------------------------------------------------------------------------------
 
 
-def _labels_for(model, labels: torch.Tensor) -> torch.Tensor | None:
-    return labels if model.is_conditional and labels.min() >= 0 else None
-
-
 @torch.no_grad()
 def likelihood_metrics(model, val: Split, iwae_k: int, iwae_subset: int) -> dict[str, float]:
     """recon (and kl) of the model's loss on val; for variational models also elbo, IWAE, active units."""
@@ -383,14 +377,15 @@ def likelihood_metrics(model, val: Split, iwae_k: int, iwae_subset: int) -> dict
             if key in parts:
                 sums[key] = sums.get(key, 0.0) + float(parts[key]) * len(x)
         if model.is_variational:
-            sums["elbo"] = sums.get("elbo", 0.0) + float(model.elbo(x, _labels_for(model, y)).sum())
-            means.append(model.embed(x, _labels_for(model, y)) if model.is_conditional else model.embed(x))
+            known = model.condition_on(y, all_known=True)
+            sums["elbo"] = sums.get("elbo", 0.0) + float(model.elbo(x, known).sum())
+            means.append(model.embed(x, known))
     out = {key: total / len(val.images) for key, total in sums.items()}
     if model.is_variational:
         out["active_units"] = float(active_units(torch.cat(means)))
         x, y = val.images[:iwae_subset], val.labels[:iwae_subset]
         log_px = [model.log_likelihood(x[i:i + IWAE_BATCH], k=iwae_k,
-                                       labels=_labels_for(model, y[i:i + IWAE_BATCH]))
+                                       labels=model.condition_on(y[i:i + IWAE_BATCH], all_known=True))
                   for i in range(0, len(x), IWAE_BATCH)]
         out["iwae_log_likelihood"] = float(torch.cat(log_px).mean())
     return out
@@ -488,10 +483,8 @@ def anomaly_metrics(model, train: Split, val: Split, num_classes: int,
 @torch.no_grad()
 def embed(model, split: Split) -> torch.Tensor:
     """Deterministic codes (posterior means) of a split, with labels for conditional models."""
-    return torch.cat([
-        model.embed(split.images[i:i + BATCH], _labels_for(model, split.labels[i:i + BATCH]))
-        if model.is_conditional else model.embed(split.images[i:i + BATCH])
-        for i in range(0, len(split.images), BATCH)])
+    return torch.cat([model.embed(split.images[i:i + BATCH], model.condition_on(split.labels[i:i + BATCH], all_known=True))
+                      for i in range(0, len(split.images), BATCH)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,17 +527,11 @@ def write_evaluation_figures(model, train: Split, val: Split, synthetic: Split |
 
 
 def save_traversals(model, val: Split, path: Path, scale: int, max_dims: int = 8, steps: int = 9) -> Path:
-    labels = _labels_for(model, val.labels[:1])
-    kl = model.kl_per_dimension(val.images[:BATCH], _labels_for(model, val.labels[:BATCH]))
-    dims = torch.argsort(kl, descending=True)[:max_dims]
-    base = embed(model, Split(val.images[:1], val.labels[:1], None))[0]
-    values = torch.linspace(-3.0, 3.0, steps)
-    rows = []
-    for d in dims.tolist():
-        z = base.repeat(steps, 1)
-        z[:, d] = values
-        rows.append(model.decode(z, labels.repeat(steps)) if labels is not None else model.decode(z))
-    return save_grid(torch.cat(rows), path, nrow=steps, scale=scale)
+    kl = model.kl_per_dimension(val.images[:BATCH], model.condition_on(val.labels[:BATCH], all_known=True))
+    dims = torch.argsort(kl, descending=True)[:max_dims].tolist()
+    images = model.traverse(val.images[:1], torch.linspace(-3.0, 3.0, steps), dims,
+                            model.condition_on(val.labels[:1], all_known=True))
+    return save_grid(images, path, nrow=steps, scale=scale)
 
 
 def save_latent_pca(codes: torch.Tensor, labels: torch.Tensor, class_names: list[str], path: Path) -> Path:

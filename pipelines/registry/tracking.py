@@ -169,25 +169,18 @@ def _write_figures(model, batch: dict[str, torch.Tensor], folder: Path, seed: in
 
     images, labels = batch["image"], batch["label"]
     scale = display_scale(images.shape[-1])
-    conditional = model.is_conditional
     paths = []
     if model.is_generative:
         generator = torch.Generator().manual_seed(seed)
         n = 64
-        sample_labels = torch.arange(n) % model.num_classes if conditional else None
+        sample_labels = model.condition_on(torch.arange(n) % (model.num_classes or 1))  # classes in turn
         paths.append(save_grid(model.sample(n, labels=sample_labels, generator=generator), folder / "samples.png",
                                nrow=8, scale=scale))
-    known = labels if conditional and labels.min() >= 0 else None
-    recon = model.reconstruct(images, known) if known is not None else model.reconstruct(images)
+    known = model.condition_on(labels, all_known=True)
+    recon = model.reconstruct(images, known)
     paths.append(save_grid(torch.cat([images, recon]), folder / "reconstructions.png", nrow=len(images), scale=scale))
-    pairs = min(4, len(images) // 2)
-    codes = model.embed(images, known) if known is not None else model.embed(images)
-    steps = torch.linspace(0, 1, 8, device=codes.device)
-    rows = []
-    for p in range(pairs):
-        a, b = codes[2 * p], codes[2 * p + 1]
-        z = torch.stack([(1 - t) * a + t * b for t in steps])
-        row_labels = known[2 * p].repeat(len(steps)) if known is not None else None
-        rows.append(model.decode(z, row_labels) if row_labels is not None else model.decode(z))
-    paths.append(save_grid(torch.cat(rows), folder / "interpolation.png", nrow=len(steps), scale=scale))
+    steps = 8
+    rows = [model.interpolate(images[2 * p:2 * p + 2], steps, None if known is None else known[2 * p:2 * p + 2])
+            for p in range(min(4, len(images) // 2))]
+    paths.append(save_grid(torch.cat(rows), folder / "interpolation.png", nrow=steps, scale=scale))
     return paths

@@ -365,8 +365,7 @@ def iwae_on_validation(model, data: str | None, num_samples: int = 256, k: int =
             break
     x, y = torch.stack(images), torch.stack(labels)
     torch.manual_seed(0)
-    known = y if model.is_conditional and bool((y >= 0).all()) else None
-    return float(model.log_likelihood(x, k=k, labels=known).mean())
+    return float(model.log_likelihood(x, k=k, labels=model.condition_on(y, all_known=True)).mean())
 
 
 def verify_checksums(folder: Path, label: str, checksums_sha256: str | None = None) -> None:

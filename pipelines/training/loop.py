@@ -22,7 +22,9 @@ from pipelines.training.checkpoints import TrainingState, restore_checkpoint, wr
 from pipelines.data import ReaderConfig, make_loader, read_manifest
 from pipelines.data.reader import batches_per_epoch
 from pipelines.training.sessions import LocalSession, RayTrainSession, Session
+from pipelines.training.step import make_optimizers, set_lr, total_loss, update
 from pipelines.training.config import TrainConfig
+from vaemodels.common import active_units_from_moments
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,10 +46,7 @@ def run_loop(config: dict[str, Any], session: Session) -> dict[str, float]:
     manifest = read_manifest(cfg.data)
     model = vaemodels.build(cfg.model.name, manifest.image_shape, manifest.num_classes or None, **cfg.model.params)
     model.to(device)
-    optimizers = {
-        group: torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        for group, params in model.param_groups().items()
-    }
+    optimizers = make_optimizers(model, cfg.optim.lr, cfg.optim.weight_decay)
     state = TrainingState(step=0, epoch=0, batch=0, config=cfg.to_dict())
     checkpoint = session.get_checkpoint()
     if checkpoint is not None:
@@ -81,25 +80,17 @@ def run_loop(config: dict[str, Any], session: Session) -> dict[str, float]:
                 continue
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             model.set_training_step(step)
-            for opt in optimizers.values():
-                for group in opt.param_groups:
-                    group["lr"] = cfg.optim.lr_at(step, total_steps)
+            set_lr(optimizers, cfg.optim.lr_at(step, total_steps))
             with autocast:
                 out = wrapped(batch)
-            total = sum(out[key] for key in model.optimizer_losses.values())
+            total = total_loss(model, out)
             if not _all_finite(total, world):
                 raise NonFiniteLossError(
                     f"non-finite loss at step {step} (epoch {epoch}, batch {batch_index}): "
                     + ", ".join(f"{k}={v.item():.4g}" for k, v in out.items())
                     + "; the last good checkpoint is kept in the run's storage"
                 )
-            for opt in optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            total.backward()
-            for group, params in model.param_groups().items():
-                if cfg.optim.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                optimizers[group].step()
+            update(model, optimizers, total, cfg.optim.grad_clip)
             step += 1
             seen += len(batch["image"])
             for key, value in out.items():
@@ -146,9 +137,7 @@ def evaluate(model: vaemodels.AutoEncoderModel, manifest, reader: ReaderConfig, 
         for key, value in model.loss(chunk).items():
             sums[key] = sums.get(key, 0.0) + float(value) * n
         if model.is_variational:
-            mu = model.embed(chunk["image"], chunk["label"]) if model.is_conditional and chunk["label"].min() >= 0 \
-                else model.embed(chunk["image"])
-            mu = mu.double()
+            mu = model.embed(chunk["image"], model.condition_on(chunk["label"], all_known=True)).double()
             mu_sum = mu.sum(0) if mu_sum is None else mu_sum + mu.sum(0)
             mu_sq_sum = (mu**2).sum(0) if mu_sq_sum is None else mu_sq_sum + (mu**2).sum(0)
         count += n
@@ -161,8 +150,7 @@ def evaluate(model: vaemodels.AutoEncoderModel, manifest, reader: ReaderConfig, 
         moments = torch.stack([mu_sum, mu_sq_sum])
         if world > 1:
             dist.all_reduce(moments)
-        variance = moments[1] / stats[0] - (moments[0] / stats[0]) ** 2
-        out["val_active_units"] = float((variance > 0.01).sum().item())  # Burda et al. 2016
+        out["val_active_units"] = float(active_units_from_moments(stats[0], moments[0], moments[1]))
     model.train()
     return out
 

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from pipelines.training.config import OptimSection
+from pipelines.training.step import make_optimizers, total_loss, update
 from vaemodels import AutoEncoderModel
 
 SCORE_BATCH = 256  # images scored at once (memory bound only)
@@ -33,23 +35,27 @@ def detection_metrics(normal_scores, anomalous_scores) -> dict[str, float]:
             "anomaly_fraction": float(truth.mean())}
 
 
-@torch.no_grad()
-def anomaly_scores(model: AutoEncoderModel, images: torch.Tensor, seed: int = 0) -> np.ndarray:
-    """`model.anomaly_score` over `images` in batches; seeded, since variational scores sample z."""
+def anomaly_scores(model: AutoEncoderModel, images: torch.Tensor, seed: int = 0,
+                   batch_size: int = SCORE_BATCH) -> np.ndarray:
+    """`model.anomaly_score` over `images` in batches. Variational scores draw z from torch's global
+    generator: seeded here (and put back after), so the scores depend only on the seed, the images
+    and the batch size (`vaepipe score` relies on it for byte-identical reruns)."""
     model.eval()
-    torch.manual_seed(seed)
-    device = model.device
-    return torch.cat([model.anomaly_score(images[i:i + SCORE_BATCH].to(device)).cpu()
-                      for i in range(0, len(images), SCORE_BATCH)]).double().numpy()
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        torch.manual_seed(seed)
+        scores = [model.anomaly_score(images[i:i + batch_size].to(model.device)).cpu()
+                  for i in range(0, len(images), batch_size)]
+    return torch.cat(scores).double().numpy()
 
 
 def train_briefly(model: AutoEncoderModel, images: torch.Tensor, labels: torch.Tensor, steps: int,
-                  batch_size: int = 64, lr: float = 1e-3, seed: int = 0) -> AutoEncoderModel:
-    """A bounded in-memory training run: the model's own loss, one AdamW per optimizer group it
-    declares, the same update as pipelines/training/loop.py but without shards, checkpoints or Ray."""
+                  batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+                  grad_clip: float | None = OptimSection.grad_clip) -> AutoEncoderModel:
+    """A bounded in-memory training run: the model's own loss and the training loop's own update
+    (pipelines/training/step.py, training's default grad clip), without shards, checkpoints or Ray."""
     torch.manual_seed(seed)
-    optimizers = {group: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-                  for group, params in model.param_groups().items()}
+    optimizers = make_optimizers(model, lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     order, position = torch.randperm(len(images), generator=generator), 0
     model.train()
@@ -60,15 +66,10 @@ def train_briefly(model: AutoEncoderModel, images: torch.Tensor, labels: torch.T
         position += batch_size
         model.set_training_step(step)
         out = model.loss({"image": images[index].to(model.device), "label": labels[index].to(model.device)})
-        total = sum(out[key] for key in model.optimizer_losses.values())
+        total = total_loss(model, out)
         if not torch.isfinite(total):
             raise RuntimeError(f"non-finite loss at step {step} while training {model.name!r} for the anomaly check")
-        for optimizer in optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        for group, params in model.param_groups().items():
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
-            optimizers[group].step()
+        update(model, optimizers, total, grad_clip)
     return model.eval()
 
 
