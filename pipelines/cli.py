@@ -279,8 +279,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # -- vaepipe evaluate -----------------------------------------------------------------------------
 
+# flags that set the EvaluateConfig field of the same name (--model and --tracking-uri are resolved first)
+EVALUATE_FLAGS = ("data", "out", "synthetic", "iwae_k", "iwae_subset", "seeds", "max_real", "num_synthetic",
+                  "held_out_class", "seed", "classifier_steps", "reliability_floor", "run_id")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipelines.evaluation.evaluate import EvaluateConfig, run_evaluation
+    from pipelines.evaluation.config import EvaluateConfig
+    from pipelines.evaluation.evaluate import run_evaluation
     from pipelines.workflows import resolved_model
 
     check_data_flag(args.data)
@@ -296,14 +302,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if pulled is not None:
             model_dir = pulled["path"]
             registry = {k: v for k, v in pulled.items() if k != "path"}  # the folder is gone after this command
-        config = EvaluateConfig(
-            model=model_dir, data=args.data, out=args.out, synthetic=args.synthetic, iwae_k=args.iwae_k,
-            iwae_subset=args.iwae_subset, seeds=args.seeds, max_real=args.max_real,
-            num_synthetic=args.num_synthetic, held_out_class=args.held_out_class, seed=args.seed,
-            tracking_uri=args.tracking_uri if args.run_id else None, run_id=args.run_id,
-            classifier_steps=args.classifier_steps, reliability_floor=args.reliability_floor,
-            augmentation_fractions=tuple(args.augmentation_fractions),
-        )
+        flags = {flag: getattr(args, flag) for flag in EVALUATE_FLAGS}
+        config = EvaluateConfig(**flags, model=model_dir, augmentation_fractions=tuple(args.augmentation_fractions),
+                                tracking_uri=args.tracking_uri if args.run_id else None)
         result = run_evaluation(config)
     emit({**result["metrics"], "model": args.model, "registry": registry, "out": result["out"],
           "metrics_path": result["metrics_path"], "report": result["report"], "notes": result["notes"],
@@ -399,7 +400,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser ---------------------------------------------------------------------------------------
 
+def field_defaults(config_class: type) -> dict[str, Any]:
+    """A config dataclass's defaults by field name: what a flag's default and its help text show."""
+    import dataclasses
+
+    return {f.name: f.default for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from pipelines.evaluation.config import EvaluateConfig
+
     parser = argparse.ArgumentParser(
         prog="vaepipe",
         description="Turn images into synthetic augmentation data with VAE-family models on Ray + MLflow.",
@@ -557,26 +567,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="folder for metrics.json, report.html and figures")
     evaluate.add_argument("--synthetic",
                           help="a `vaepipe generate` output folder to judge (default: sample the model)")
-    evaluate.add_argument("--iwae-k", type=int, default=1000, help="importance samples per image (default 1000)")
-    evaluate.add_argument("--iwae-subset", type=int, default=256,
-                          help="val images for the IWAE estimate (default 256)")
-    evaluate.add_argument("--seeds", type=int, default=3, help="seeds the augmentation gain averages over (default 3)")
-    evaluate.add_argument("--max-real", type=int, default=5000, help="at most N real images per split (default 5000)")
-    evaluate.add_argument("--num-synthetic", type=int, default=2000,
-                          help="synthetic samples drawn or read (default 2000; split over classes when conditional)")
+    d = field_defaults(EvaluateConfig)  # defaults are written once, in the config
+    evaluate.add_argument("--iwae-k", type=int, default=d["iwae_k"],
+                          help=f"importance samples per image (default {d['iwae_k']})")
+    evaluate.add_argument("--iwae-subset", type=int, default=d["iwae_subset"],
+                          help=f"val images for the IWAE estimate (default {d['iwae_subset']})")
+    evaluate.add_argument("--seeds", type=int, default=d["seeds"],
+                          help=f"seeds the augmentation gain averages over (default {d['seeds']})")
+    evaluate.add_argument("--max-real", type=int, default=d["max_real"],
+                          help=f"at most N real images per split (default {d['max_real']})")
+    evaluate.add_argument("--num-synthetic", type=int, default=d["num_synthetic"],
+                          help=f"synthetic samples drawn or read (default {d['num_synthetic']}; split over classes "
+                               "when conditional)")
     evaluate.add_argument("--held-out-class", type=int,
                           help="a class the model never saw in training: it is scored directly as the anomaly "
                                "(default: train a copy of the family without the highest class)")
-    evaluate.add_argument("--seed", type=int, default=0,
-                          help="seed for sampling, classifiers and subsets (default 0)")
-    evaluate.add_argument("--classifier-steps", type=int, default=2000,
+    evaluate.add_argument("--seed", type=int, default=d["seed"],
+                          help=f"seed for sampling, classifiers and subsets (default {d['seed']})")
+    evaluate.add_argument("--classifier-steps", type=int, default=d["classifier_steps"],
                           help="at most N Adam steps per classifier; early stopping on a split of real train "
-                               "usually ends sooner (default 2000)")
-    evaluate.add_argument("--augmentation-fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0], metavar="F",
-                          help="shares of real train the augmentation gain is measured at (default 0.01 0.1 1.0)")
-    evaluate.add_argument("--reliability-floor", type=float, default=0.9,
+                               f"usually ends sooner (default {d['classifier_steps']})")
+    evaluate.add_argument("--augmentation-fractions", type=float, nargs="+", default=list(d["augmentation_fractions"]),
+                          metavar="F", help="shares of real train the augmentation gain is measured at (default "
+                                            f"{' '.join(map(str, d['augmentation_fractions']))})")
+    evaluate.add_argument("--reliability-floor", type=float, default=d["reliability_floor"],
                           help="reference-classifier val accuracy below which classifier-based metrics are "
-                               "marked unreliable (default 0.9)")
+                               f"marked unreliable (default {d['reliability_floor']})")
     evaluate.add_argument("--run-id", help="MLflow run to log the metrics and OUT/ (under evaluation/) into")
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.data import BuildConfig, build_dataset, read_manifest
-from pipelines.evaluation.evaluate import EvaluateConfig, run_evaluation
+from pipelines.evaluation.config import EvaluateConfig
+from pipelines.evaluation.evaluate import run_evaluation
 from pipelines.batch.generate import GenerateConfig, run_generation
 from pipelines.registry.versions import RegisterRequest, pull, register_run
 from pipelines.training.search import run_search

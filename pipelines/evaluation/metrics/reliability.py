@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-DEFAULT_FLOOR = 0.9  # below this val accuracy the classifier is not trusted
 CHANCE_MARGIN = 0.5  # ... nor when it closes less than half the gap between chance and perfect
 # metrics.json keys (exact, or prefixes ending in "_") whose meaning depends on the reference classifier
 DEPENDENT = ("fid", "precision", "recall", "density", "coverage", "cas", "cas_ratio", "cas_worst_class",

@@ -24,7 +24,7 @@ PROVENANCE = {"uri": "u", "name": "n", "version": "v"}
 
 def digits_split(digits_dataset, split):
     from pipelines.data.manifest import read_manifest
-    from pipelines.evaluation.evaluate import load_split
+    from pipelines.evaluation.data import load_split
 
     return load_split(read_manifest(str(digits_dataset)), split, 10**6)
 

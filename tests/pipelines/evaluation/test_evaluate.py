@@ -21,7 +21,9 @@ import vaemodels
 from pipelines.config import ConfigError
 from pipelines.data import read_manifest
 from pipelines.data.build import encode_png
-from pipelines.evaluation.evaluate import EvaluateConfig, load_split, run_evaluation
+from pipelines.evaluation.config import EvaluateConfig
+from pipelines.evaluation.data import load_split
+from pipelines.evaluation.evaluate import run_evaluation
 from pipelines.evaluation.metrics import load_classifier, train_briefly
 from pipelines.training.sessions import LocalSession
 from pipelines.training.loop import run_loop

@@ -9,7 +9,7 @@ import torch
 
 import vaemodels
 from pipelines.data import read_manifest, shapes
-from pipelines.evaluation.evaluate import load_split
+from pipelines.evaluation.data import load_split
 from pipelines.evaluation.metrics import (accuracy, augmentation_gain, chance_accuracy, detection_metrics, factor_gaps,
                                features, fit_classifier, frechet_distance, held_out_class_detection, judge,
                                load_classifier, memorisation, mutual_information_gap, per_class_accuracy,
