@@ -28,7 +28,7 @@ from pipelines.evaluation.metrics import (accuracy, anomaly_scores, augmentation
                                           precision_recall_density_coverage, save_classifier)
 from pipelines.evaluation.metrics.reliability import chance_accuracy, judge
 from pipelines.evaluation.report import log_to_mlflow, write_evaluation_figures, write_report
-from vaemodels.common import active_units
+from vaemodels.distributions import active_units
 
 
 METRICS_NAME, REPORT_NAME = "metrics.json", "report.html"

@@ -24,7 +24,7 @@ from pipelines.data.reader import batches_per_epoch
 from pipelines.training.sessions import LocalSession, RayTrainSession, Session
 from pipelines.training.step import make_optimizers, set_lr, total_loss, update
 from pipelines.training.config import TrainConfig
-from vaemodels.common import active_units_from_moments
+from vaemodels.distributions import active_units_from_moments
 
 
 class NonFiniteLossError(RuntimeError):
