@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from pipelines.config import ConfigError, from_dict
-from pipelines.batch.model import UNLABELLED, load_saved_model
+from pipelines.batch.job import BatchJob
+from pipelines.batch.model import UNLABELLED, load_saved_model, model_request
 from pipelines.data.manifest import Manifest, read_manifest
 
 
@@ -138,6 +139,31 @@ def read_shard(url: str, block: dict[str, Any]) -> ShardSamples:
     return ShardSamples(torch.stack([decode_png(s["png"]) for s in samples]),
                         np.array([int(s["cls"]) for s in samples], dtype=np.int64),
                         np.array([int(s["__key__"]) for s in samples], dtype=np.int64))
+
+
+def shard_job(name: str, config: DatasetJobConfig, manifest: Manifest, info, block_fn: type,
+              request: dict[str, Any], block_fn_kwargs: dict[str, Any], owned_dirs: tuple[str, ...],
+              metadata: dict[str, Any]) -> BatchJob:
+    """The BatchJob of a job over `config.split`, one block per input shard: the request starts with the
+    model and the data, every block function gets the model folder, device, batch size and shard URLs,
+    and the manifest's metadata names the model family, image shape, data and split."""
+    return BatchJob(
+        name=name,
+        out=Path(config.out).resolve(),
+        request={"model": model_request(config, info), "data": {"sha256": manifest.sha256(), "split": config.split},
+                 **request},
+        blocks=shard_blocks(manifest, config.split),
+        block_fn=block_fn,
+        block_fn_kwargs={"model_dir": str(Path(config.model_dir).resolve()), "use_gpu": config.use_gpu,
+                         "batch_size": config.batch_size, "shard_urls": shard_urls(manifest, config.split),
+                         **block_fn_kwargs},
+        owned_dirs=owned_dirs,
+        workers=config.workers,
+        use_gpu=config.use_gpu,
+        metadata={"model_family": info.name, "image_shape": list(info.input_shape), "data": manifest.location,
+                  "split": config.split, **metadata},
+        overwrite=config.overwrite,
+    )
 
 
 def summary(out: Path, result) -> dict[str, Any]:

@@ -9,17 +9,16 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import torch
 
-from pipelines.batch.job import BatchJob, BlockWriter, block_seed, run_batch_job
+from pipelines.batch.job import BlockWriter, block_seed, run_batch_job
 from pipelines.config import ConfigError
-from pipelines.batch.dataset import (DatasetJobConfig, check_unlabelled, open_dataset, open_model, output_name,
-                                     read_shard, shard_blocks, shard_urls, summary)
-from pipelines.batch.model import absolute, label_folder, load_worker_model, model_request, to_uint8
+from pipelines.batch.dataset import (DatasetJobConfig, shard_job, check_unlabelled, open_dataset, open_model,
+                                     output_name, read_shard, summary)
+from pipelines.batch.model import absolute, label_folder, load_worker_model, to_uint8
 from vaemodels.dae import CORRUPTIONS, DAEConfig
 
 NOISES = (*CORRUPTIONS, "none")  # "none": the dataset is noisy already; denoise it as it is
@@ -125,31 +124,12 @@ def run_denoising(config: DenoiseConfig) -> dict[str, Any]:
     manifest = open_dataset(absolute(config.data), config.split)
     model, info = open_model(config, manifest)
     check_unlabelled(model, manifest, "reconstruct its images", denoise_images)
-    out = Path(config.out).resolve()
-    request = {
-        "model": model_request(config, info),
-        "data": {"sha256": manifest.sha256(), "split": config.split},
-        "noise": config.noise,
-        "noise_level": config.level,
-        "seed": config.seed,
-        "batch_size": config.batch_size,  # float rounding can differ with the batch shape and the device
-        "use_gpu": config.use_gpu,
-    }
-    job = BatchJob(
-        name="denoise",
-        out=out,
-        request=request,
-        blocks=shard_blocks(manifest, config.split),
-        block_fn=DenoiseBlock,
-        block_fn_kwargs={"model_dir": str(Path(config.model_dir).resolve()), "use_gpu": config.use_gpu,
-                         "batch_size": config.batch_size, "shard_urls": shard_urls(manifest, config.split),
-                         "noise": config.noise, "level": config.level, "seed": config.seed},
-        owned_dirs=("parquet", "images"),
-        workers=config.workers,
-        use_gpu=config.use_gpu,
-        metadata={"model_family": info.name, "image_shape": list(info.input_shape), "data": manifest.location,
-                  "split": config.split, "columns": [f.name for f in SCHEMA]},
-        overwrite=config.overwrite,
-    )
+    job = shard_job("denoise", config, manifest, info, DenoiseBlock,
+                    request={"noise": config.noise, "noise_level": config.level, "seed": config.seed,
+                             # float rounding can differ with the batch shape and the device
+                             "batch_size": config.batch_size, "use_gpu": config.use_gpu},
+                    block_fn_kwargs={"noise": config.noise, "level": config.level, "seed": config.seed},
+                    owned_dirs=("parquet", "images"), metadata={"columns": [f.name for f in SCHEMA]})
+    out = job.out
     result = run_batch_job(job)
     return {**summary(out, result), "parquet": str(out / "parquet"), "images": str(out / "images")}

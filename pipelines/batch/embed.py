@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import torch
 
-from pipelines.batch.job import BatchJob, BlockWriter, run_batch_job
-from pipelines.batch.dataset import (DatasetJobConfig, check_unlabelled, open_dataset, open_model, output_name,
-                                     read_shard, shard_blocks, shard_urls, summary)
+from pipelines.batch.job import BlockWriter, run_batch_job
+from pipelines.batch.dataset import (DatasetJobConfig, shard_job, check_unlabelled, open_dataset, open_model,
+                                     output_name, read_shard, summary)
 from pipelines.batch.model import absolute, load_worker_model, model_request
 
 SCHEMA = pa.schema([
@@ -70,28 +69,11 @@ def run_embedding(config: EmbedConfig) -> dict[str, Any]:
     manifest = open_dataset(absolute(config.data), config.split)
     model, info = open_model(config, manifest)
     check_unlabelled(model, manifest, "embed its images", codes)
-    out = Path(config.out).resolve()
-    request = {
-        "model": model_request(config, info),
-        "data": {"sha256": manifest.sha256(), "split": config.split},
-        "batch_size": config.batch_size,  # float rounding can differ with the batch shape and the device
-        "use_gpu": config.use_gpu,
-    }
-    job = BatchJob(
-        name="embed",
-        out=out,
-        request=request,
-        blocks=shard_blocks(manifest, config.split),
-        block_fn=EmbedBlock,
-        block_fn_kwargs={"model_dir": str(Path(config.model_dir).resolve()), "use_gpu": config.use_gpu,
-                         "batch_size": config.batch_size, "shard_urls": shard_urls(manifest, config.split),
-                         "model_uri": request["model"]["uri"]},
-        owned_dirs=("parquet",),
-        workers=config.workers,
-        use_gpu=config.use_gpu,
-        metadata={"model_family": info.name, "image_shape": list(info.input_shape), "latent_dim": info.latent_dim,
-                  "data": manifest.location, "split": config.split, "columns": [f.name for f in SCHEMA]},
-        overwrite=config.overwrite,
-    )
+    job = shard_job("embed", config, manifest, info, EmbedBlock,
+                    # float rounding can differ with the batch shape and the device
+                    request={"batch_size": config.batch_size, "use_gpu": config.use_gpu},
+                    block_fn_kwargs={"model_uri": model_request(config, info)["uri"]}, owned_dirs=("parquet",),
+                    metadata={"latent_dim": info.latent_dim, "columns": [f.name for f in SCHEMA]})
+    out = job.out
     result = run_batch_job(job)
     return {**summary(out, result), "parquet": str(out / "parquet"), "latent_dim": info.latent_dim}

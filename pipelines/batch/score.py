@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines.batch.job import BatchJob, BlockWriter, block_seed, run_batch_job
+from pipelines.batch.job import BlockWriter, block_seed, run_batch_job
 from pipelines.config import ConfigError
 from pipelines.data.manifest import Manifest
 from pipelines.evaluation.metrics.anomaly import anomaly_scores
-from pipelines.batch.dataset import (DatasetJobConfig, check_fits, open_dataset, open_model, output_name, read_shard,
+from pipelines.batch.dataset import (DatasetJobConfig, shard_job, check_fits, open_dataset, open_model, output_name, read_shard,
                                      shard_blocks, shard_urls, summary)
-from pipelines.batch.model import absolute, load_worker_model, model_request
+from pipelines.batch.model import absolute, load_worker_model
 
 THRESHOLD_SPLIT = "val"  # the threshold is set on held-out normal data, never on what it judges in training
 SCHEMA = pa.schema([
@@ -95,34 +94,16 @@ def run_scoring(config: ScoreConfig) -> dict[str, Any]:
     model, info = open_model(config, manifest)
     reference = open_dataset(absolute(config.reference or config.data), THRESHOLD_SPLIT)
     check_fits(model, reference)
-    out = Path(config.out).resolve()
-    request = {
-        "model": model_request(config, info),
-        "data": {"sha256": manifest.sha256(), "split": config.split},
-        "reference": {"sha256": reference.sha256(), "split": THRESHOLD_SPLIT},
-        "target_fpr": config.target_fpr,
-        "seed": config.seed,
-        "batch_size": config.batch_size,  # the sampled ELBO noise is drawn per batch
-        "use_gpu": config.use_gpu,
-    }
     # computed before the job (every rerun too: the reference val split is small) and kept in the manifest
     threshold = choose_threshold(model, reference, config)
-    job = BatchJob(
-        name="score",
-        out=out,
-        request=request,
-        blocks=shard_blocks(manifest, config.split),
-        block_fn=ScoreBlock,
-        block_fn_kwargs={"model_dir": str(Path(config.model_dir).resolve()), "use_gpu": config.use_gpu,
-                         "batch_size": config.batch_size, "shard_urls": shard_urls(manifest, config.split),
-                         "seed": config.seed, "threshold": threshold["value"]},
-        owned_dirs=("parquet",),
-        workers=config.workers,
-        use_gpu=config.use_gpu,
-        metadata={"model_family": info.name, "image_shape": list(info.input_shape), "data": manifest.location,
-                  "split": config.split, "threshold": threshold, "columns": [f.name for f in SCHEMA]},
-        overwrite=config.overwrite,
-    )
+    job = shard_job("score", config, manifest, info, ScoreBlock,
+                    request={"reference": {"sha256": reference.sha256(), "split": THRESHOLD_SPLIT},
+                             "target_fpr": config.target_fpr, "seed": config.seed,
+                             # the sampled ELBO noise is drawn per batch
+                             "batch_size": config.batch_size, "use_gpu": config.use_gpu},
+                    block_fn_kwargs={"seed": config.seed, "threshold": threshold["value"]}, owned_dirs=("parquet",),
+                    metadata={"threshold": threshold, "columns": [f.name for f in SCHEMA]})
+    out = job.out
     result = run_batch_job(job)
     counts = result.manifest["counts"]
     return {**summary(out, result), "parquet": str(out / "parquet"),
