@@ -119,7 +119,7 @@ class InterpolateBlock:
 
 
 def _decode_own_code(model, images: torch.Tensor, labels) -> torch.Tensor:
-    return model.decode(model.embed(images, model.condition_on(labels)), model.condition_on(labels))
+    return model.reconstruct(images, model.condition_on(labels))
 
 
 def run_interpolation(config: InterpolateConfig) -> dict[str, Any]:
