@@ -187,7 +187,7 @@ GRID_FLAGS = {"beta": ("search.beta", float), "latent_dim": ("search.latent_dim"
 def tune_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The --config file holds a whole search (base, search, scheduler); train's flags override
     base.*, --beta/--latent-dim comma lists replace those axes, --set takes full dotted keys."""
-    from pipelines.config import ConfigError, apply_overrides, load_config_file, set_dotted
+    from pipelines.config import apply_overrides, config_error, load_config_file, set_dotted
 
     data = load_config_file(args.config) if args.config else {}
     for flag, key in TRAIN_FLAGS.items():
@@ -203,7 +203,7 @@ def tune_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
                     raise ValueError(raw)
                 set_dotted(data, key, values)
             except ValueError:
-                raise ConfigError(f"--{flag.replace('_', '-')} expects a comma list of finite {kind.__name__}s, "
+                raise config_error()(f"--{flag.replace('_', '-')} expects a comma list of finite {kind.__name__}s, "
                                   f"got {raw!r}") from None
     for flag, key in TUNE_FLAGS.items():
         value = getattr(args, flag, None)

@@ -48,7 +48,9 @@ def field_defaults(config_class: type) -> dict[str, Any]:
 
 def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> argparse.ArgumentParser:
     """Every subcommand and flag; `commands` maps a subcommand to the function it runs (pipelines.cli)."""
+    from pipelines.batch.generate_config import GenerateConfig
     from pipelines.evaluation.config import EvaluateConfig
+    from pipelines.training.search_config import SearchSection
 
     parser = argparse.ArgumentParser(
         prog="vaepipe",
@@ -151,10 +153,13 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
                     "best (config, metrics, checkpoint, run_id), trials, results_table.",
     )
     add_override_flags(tune, grid=True)
-    tune.add_argument("--num-samples", type=int, help="repeats of the whole grid, each with its own seed (default 1)")
-    tune.add_argument("--max-concurrent", type=int, help="trials running at once (default 2)")
-    tune.add_argument("--metric", help="objective the loop reports each epoch (default val_elbo)")
-    tune.add_argument("--mode", choices=("max", "min"), help="whether a larger --metric is better (default max)")
+    s = field_defaults(SearchSection)  # shown in the help; the config applies them (flags left None)
+    tune.add_argument("--num-samples", type=int,
+                      help=f"repeats of the whole grid, each with its own seed (default {s['num_samples']})")
+    tune.add_argument("--max-concurrent", type=int, help=f"trials running at once (default {s['max_concurrent']})")
+    tune.add_argument("--metric", help=f"objective the loop reports each epoch (default {s['metric']})")
+    tune.add_argument("--mode", choices=("max", "min"),
+                      help=f"whether a larger --metric is better (default {s['mode']})")
     tune.add_argument("--register-as", metavar="NAME",
                       help="register the best trial's model under NAME (champion gate on --metric)")
     tune.set_defaults(func=commands["tune"])
@@ -174,10 +179,11 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     count = generate.add_mutually_exclusive_group()
     count.add_argument("--num-samples", type=int, help="total samples (conditional models: uniform labels)")
     count.add_argument("--per-class", type=int, help="samples per class (conditional models)")
-    generate.add_argument("--seed", type=int, help="seed for labels and noise (default 0)")
-    generate.add_argument("--temperature", type=float, help="prior noise scale (default 1.0)")
-    generate.add_argument("--batch-size", type=int, help="samples decoded at once (default 256)")
-    generate.add_argument("--workers", type=int, help="Ray Data actors (default 2)")
+    g = field_defaults(GenerateConfig)  # shown in the help; the config applies them (flags left None)
+    generate.add_argument("--seed", type=int, help=f"seed for labels and noise (default {g['seed']})")
+    generate.add_argument("--temperature", type=float, help=f"prior noise scale (default {g['temperature']})")
+    generate.add_argument("--batch-size", type=int, help=f"samples decoded at once (default {g['batch_size']})")
+    generate.add_argument("--workers", type=int, help=f"Ray Data actors (default {g['workers']})")
     generate.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="one GPU per actor")
     generate.add_argument("--overwrite", action="store_true", default=None,
                           help="replace another request's data in --out")

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pipelines.config import ConfigError, from_dict, to_dict
+from pipelines.config import config_error, from_dict, to_dict
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class TrainConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ConfigError(message)
+                raise config_error()(message)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -123,7 +123,7 @@ class TrainConfig:
         if os.environ.get("MLFLOW_TRACKING_URI"):  # e.g. the cluster's server (infra/kuberay: vaepipe-env)
             return os.environ["MLFLOW_TRACKING_URI"]
         if "://" in self.storage:
-            raise ConfigError("tracking.tracking_uri is required when storage is a URI")
+            raise config_error()("tracking.tracking_uri is required when storage is a URI")
         from pathlib import Path
 
         return f"sqlite:///{Path(self.storage).resolve() / 'mlflow.db'}"
@@ -139,4 +139,4 @@ def validate_model_params(config: TrainConfig, input_shape: tuple[int, int, int]
     try:
         vaemodels.build(config.model.name, input_shape, num_classes, **config.model.params)
     except vaemodels.ConfigError as exc:
-        raise ConfigError(f"model: {exc}") from exc
+        raise config_error()(f"model: {exc}") from exc

@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.config import ConfigError, from_dict, to_dict
+from pipelines.config import config_error, from_dict, to_dict
 from pipelines.training.config import TrainConfig
 
 # grid axes with their own field in `search`, and the training-config key each one sets
@@ -61,11 +61,11 @@ class TuneConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ConfigError(message)
+                raise config_error()(message)
         for key, values in search.extra.items():
             _check_axis_key(key, self)
             if not isinstance(values, list) or not values:
-                raise ConfigError(f"search.extra.{key} must be a non-empty list of values, got {values!r}")
+                raise config_error()(f"search.extra.{key} must be a non-empty list of values, got {values!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TuneConfig":
@@ -87,21 +87,21 @@ def _check_axis_key(key: str, config: TuneConfig) -> None:
     """An extra axis must name one leaf of the training config (model.params.* is free-form)."""
     for name, dotted in AXES.items():
         if key == dotted:
-            raise ConfigError(f"search.extra.{key}: use search.{name} for this axis")
+            raise config_error()(f"search.extra.{key}: use search.{name} for this axis")
     if key == "train.seed" and config.search.num_samples > 1:
-        raise ConfigError("search.extra.train.seed: num_samples > 1 already repeats the grid over seeds")
+        raise config_error()("search.extra.train.seed: num_samples > 1 already repeats the grid over seeds")
     if any(key == p or (p.endswith(".") and key.startswith(p)) for p in FIXED_PREFIXES):
-        raise ConfigError(f"search.extra.{key}: this key is the same for every trial and cannot be a grid axis")
+        raise config_error()(f"search.extra.{key}: this key is the same for every trial and cannot be a grid axis")
     node: Any = TrainConfig
     parts = key.split(".")
     for i, part in enumerate(parts):
         hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
         if part not in hints:
-            raise ConfigError(f"search.extra: unknown config key {key!r}")
+            raise config_error()(f"search.extra: unknown config key {key!r}")
         node = hints[part]
         if typing.get_origin(node) is dict:  # model.params: the model family validates its own keys
             if len(parts) != i + 2:
-                raise ConfigError(f"search.extra: {key!r} must name one key inside {'.'.join(parts[:i + 1])}")
+                raise config_error()(f"search.extra: {key!r} must name one key inside {'.'.join(parts[:i + 1])}")
             return
     if dataclasses.is_dataclass(node):
-        raise ConfigError(f"search.extra: {key!r} is a section, not a value")
+        raise config_error()(f"search.extra: {key!r} is a section, not a value")
