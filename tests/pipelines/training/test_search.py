@@ -130,14 +130,14 @@ def test_failed_trial_is_reported_and_the_rest_still_give_a_best(ray_session, di
 
     from pipelines.training.search import run_search
 
-    # hidden_dim=0 is refused by the model's config inside that one trial
+    # hidden_dim=-1 is refused by the model's config inside that one trial (0 now means the backbone's own width)
     config = digits_search(digits_dataset, tmp_path, "one-fails",
-                           {"latent_dim": [4], "extra": {"model.params.hidden_dim": [0, 16]}}, epochs=2)
+                           {"latent_dim": [4], "extra": {"model.params.hidden_dim": [-1, 16]}}, epochs=2)
     result = run_search(config)
 
     by_hidden = {t["model.params.hidden_dim"]: t for t in result["trials"]}
-    assert set(by_hidden) == {0, 16}
-    failed, ok = by_hidden[0], by_hidden[16]
+    assert set(by_hidden) == {-1, 16}
+    failed, ok = by_hidden[-1], by_hidden[16]
     assert failed["status"] == "error" and "hidden_dim" in failed["error"] and "ConfigError" in failed["error"]
     assert failed["epochs_run"] == 0 and failed["val_elbo"] is None
     assert ok["status"] == "finished" and ok["error"] is None
