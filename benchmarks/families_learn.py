@@ -23,8 +23,8 @@ import torch
 import vaemodels
 from benchmarks.report import update_section
 from pipelines.data import BuildConfig, ShardStream, build_dataset
-from pipelines.sessions import LocalSession
-from pipelines.train_loop import run_loop
+from pipelines.training.sessions import LocalSession
+from pipelines.training.loop import run_loop
 
 DATASETS = {
     "mnist5k": {"source": "mnist5k", "limit": None, "val_fraction": 0.2},

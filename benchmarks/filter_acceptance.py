@@ -26,10 +26,10 @@ def main() -> None:
     import vaemodels
     from pipelines.data import BuildConfig, build_dataset
     from pipelines.data.manifest import read_manifest
-    from pipelines.evaluate import early_stopping_split, load_split
-    from pipelines.generate import GenerateConfig, run_generation
-    from pipelines.metrics.classifier import accuracy, fit_classifier, save_classifier
-    from pipelines.train import ensure_ray
+    from pipelines.evaluation.data import early_stopping_split, load_split
+    from pipelines.batch.generate import GenerateConfig, run_generation
+    from pipelines.evaluation.metrics.classifier import accuracy, fit_classifier, save_classifier
+    from pipelines.ray_runtime import ensure_ray
 
     work = Path(args.workdir)
     data = work / args.source

@@ -23,8 +23,8 @@ import torch
 
 import vaemodels
 from benchmarks.report import update_section
-from pipelines.batch_job import BlockWriter
-from pipelines.generate import GenerateBlock, GenerateConfig, plan_blocks, run_generation
+from pipelines.batch.job import BlockWriter
+from pipelines.batch.generate import GenerateBlock, GenerateConfig, plan_blocks, run_generation
 
 INPUT_SHAPE = (1, 64, 64)
 BATCH = 256

@@ -21,8 +21,8 @@ import torch
 import vaemodels
 from benchmarks.report import update_section
 from pipelines.data import BuildConfig, ShardStream, build_dataset
-from pipelines.train import run_training
-from pipelines.train_config import TrainConfig
+from pipelines.training.train import run_training
+from pipelines.training.config import TrainConfig
 
 MODEL = {"name": "vae", "params": {"backbone": "conv", "latent_dim": 10}}
 BATCH = 64

@@ -61,8 +61,8 @@ def vaepipe_arm(data: Path, storage: Path, seed: int, epochs: int, k: int, open_
                 mlp: dict | None = None) -> dict:
     """`vaepipe train`'s loop in one process (no Ray start-up: NLL is what is compared here)."""
     import vaemodels
-    from pipelines.sessions import LocalSession
-    from pipelines.train_loop import run_loop
+    from pipelines.training.sessions import LocalSession
+    from pipelines.training.loop import run_loop
 
     config = {
         "data": str(data), "storage": str(storage),

@@ -4,8 +4,8 @@ python -m jobs.train --config FILE`). The config is `vaepipe train`'s YAML."""
 import sys
 
 from jobs._entry import run_job
-from pipelines.train import run_training
-from pipelines.train_config import TrainConfig
+from pipelines.training.train import run_training
+from pipelines.training.config import TrainConfig
 
 
 def main(argv=None) -> int:

@@ -4,24 +4,16 @@ scheduler); an optional top-level `register_as: NAME` registers the best trial's
 import sys
 
 from jobs._entry import run_job
-from pipelines.registry import RegisterRequest, register_run
-from pipelines.tune import run_search
-from pipelines.tune_config import TuneConfig
-
-
-def search_and_register(data: dict) -> dict:
-    register_as = data.pop("register_as", None)
-    config = TuneConfig.from_dict(data)
-    result = run_search(config)
-    if register_as:
-        result["registered"] = register_run(RegisterRequest(
-            run_id=result["best"]["run_id"], name=register_as, tracking_uri=result["tracking_uri"],
-            metric=config.search.metric))
-    return result
+from pipelines.training.search_config import TuneConfig
+from pipelines.workflows import search_and_register
 
 
 def main(argv=None) -> int:
-    return run_job("jobs.tune", argv, search_and_register)
+    def pipeline(data: dict) -> dict:
+        register_as = data.pop("register_as", None)
+        return search_and_register(TuneConfig.from_dict(data), register_as)
+
+    return run_job("jobs.tune", argv, pipeline)
 
 
 if __name__ == "__main__":

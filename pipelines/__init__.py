@@ -1,2 +1,3 @@
-"""What we do with models: data, train, tune, registry, generate, evaluate. Each stage is a
-plain function taking a typed config; `pipelines.cli` is the `vaepipe` command over them."""
+"""What we do with models, a folder per stage: data/, training/, registry/, batch/, evaluation/.
+Each stage is a plain function taking a typed config; `workflows` chains them (search -> register,
+pull -> run) for the CLI (`pipelines.cli`, the `vaepipe` command) and jobs/ alike."""

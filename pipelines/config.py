@@ -15,21 +15,32 @@ import yaml
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A config key is unknown, missing, or has a value of the wrong type."""
+def config_error() -> type[ValueError]:
+    """The one ConfigError (vaemodels', which models raise for their own fields): a config key is
+    unknown, missing, or has a bad value. Loaded on first use, because vaemodels imports torch and
+    reading a config must stay quick (the CLI checks flags and the tracking server before torch)."""
+    from vaemodels.common import ConfigError
+
+    return ConfigError
+
+
+def __getattr__(name: str) -> Any:  # `from pipelines.config import ConfigError`
+    if name == "ConfigError":
+        return config_error()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (or JSON) mapping; an empty file is an empty mapping."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise config_error()(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        raise config_error()(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        raise config_error()(f"config file {path} must hold a mapping at the top level")
     return data
 
 
@@ -39,7 +50,7 @@ def apply_overrides(data: dict[str, Any], assignments: list[str]) -> dict[str, A
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {assignment!r}")
+            raise config_error()(f"--set expects key=value, got {assignment!r}")
         set_dotted(out, key, yaml.safe_load(raw) if raw != "" else None)
     return out
 
@@ -50,7 +61,7 @@ def set_dotted(data: dict[str, Any], dotted_key: str, value: Any) -> None:
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"cannot set {dotted_key!r}: {part!r} is not a section")
+            raise config_error()(f"cannot set {dotted_key!r}: {part!r} is not a section")
     node[last] = value
 
 
@@ -66,28 +77,28 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
     """Build dataclass `cls` from a mapping, recursing into dataclass-typed fields."""
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"{path[:-1] or 'config'} must be a mapping, got {type(data).__name__}")
+        raise config_error()(f"{path[:-1] or 'config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         names = ", ".join(f"{path}{k}" for k in unknown)
-        raise ConfigError(f"unknown config key(s): {names}; known keys{' in ' + path[:-1] if path else ''}: "
+        raise config_error()(f"unknown config key(s): {names}; known keys{' in ' + path[:-1] if path else ''}: "
                           f"{', '.join(sorted(fields))}")
     values = {}
     for name, field in fields.items():
         key = f"{path}{name}"
         if name not in data:
             if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"missing required config key: {key}")
+                raise config_error()(f"missing required config key: {key}")
             continue
         values[name] = _coerce(hints[name], data[name], key)
     try:
         return cls(**values)
-    except ConfigError:
+    except config_error():
         raise
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{path[:-1] or cls.__name__}: {exc}") from exc
+        raise config_error()(f"{path[:-1] or cls.__name__}: {exc}") from exc
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
@@ -100,38 +111,38 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         for option in (a for a in args if a is not type(None)):
             try:
                 return _coerce(option, value, key)
-            except ConfigError as exc:
+            except config_error() as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {hint}")
+        raise config_error()(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {hint}")
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, key + ".")
     if hint is Any:
         return value
     if origin in (dict,):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__} {value!r}")
+            raise config_error()(f"{key} must be a mapping, got {type(value).__name__} {value!r}")
         return dict(value)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+            raise config_error()(f"{key} must be a list, got {type(value).__name__} {value!r}")
         item = args[0] if args else Any
         items = [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {type(value).__name__} {value!r}")
+            raise config_error()(f"{key} must be a number, got {type(value).__name__} {value!r}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
+            raise config_error()(f"{key} must be an integer, got {type(value).__name__} {value!r}")
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {type(value).__name__} {value!r}")
+            raise config_error()(f"{key} must be true or false, got {type(value).__name__} {value!r}")
         return value
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {type(value).__name__} {value!r}")
+            raise config_error()(f"{key} must be a string, got {type(value).__name__} {value!r}")
         return value
     return value
 

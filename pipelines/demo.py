@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.data import BuildConfig, build_dataset, read_manifest
-from pipelines.evaluate import EvaluateConfig, run_evaluation
-from pipelines.generate import GenerateConfig, run_generation
-from pipelines.registry import RegisterRequest, pull, register_run
-from pipelines.tune import run_search
-from pipelines.tune_config import TuneConfig
+from pipelines.evaluation.config import EvaluateConfig
+from pipelines.evaluation.evaluate import run_evaluation
+from pipelines.batch.generate import GenerateConfig, run_generation
+from pipelines.registry.versions import RegisterRequest, pull, register_run
+from pipelines.training.search import run_search
+from pipelines.training.search_config import TuneConfig
 
 # Why MNIST digits and not the built-in shapes: on shapes (64x64, three classes that differ only in
 # a few edge pixels) a conditional VAE needs far more than the demo's CPU budget before its rows

@@ -1,6 +1,7 @@
-"""Pieces every model family shares: the base config, MLP/conv backbones sized from (C, H, W),
-decoder likelihoods, Gaussian helpers (reparameterization, KL, log-density) and the base classes
-that give every model the same interface (loss/encode/decode/sample/anomaly_score/IWAE).
+"""What every model family shares: the base config (validated once, with the one ConfigError) and
+the base classes that give every model the same interface (loss/encode/decode/sample/anomaly_score/
+IWAE, and what pipelines ask: condition_on, interpolate, traverse). The backbones (backbones.py) and
+the likelihood and Gaussian helpers (distributions.py) are re-exported here for the families.
 
 Not here: anything about training loops, Ray, MLflow or files on disk.
 """
@@ -12,16 +13,21 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-LOG_2PI = math.log(2.0 * math.pi)
+# the pieces families build from live in backbones.py and distributions.py; families import them from
+# here, the one place that names the shared API (so a model file needs one import line)
+from vaemodels.backbones import build_decoder, build_encoder  # noqa: F401
+from vaemodels.distributions import (LIKELIHOODS, DecoderLikelihood, active_units, active_units_from_moments,  # noqa: F401
+                                     gaussian_kl, gaussian_kl_between, gaussian_kl_per_dim, linear_warmup,
+                                     log_normal, log_standard_normal, one_hot, randn_like, reparameterize)
+
 BACKBONES = ("mlp", "conv", "resconv")
-LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 
 
 class ConfigError(ValueError):
-    """A model config field has a bad value or an unknown name."""
+    """A config field (a model's, or any pipelines config's) is unknown, missing or has a bad value:
+    the one error class for bad configuration, so callers catch a single type."""
 
 
 @dataclass(frozen=True)
@@ -120,309 +126,6 @@ def _require(ok: bool, config: ModelConfig, field: str, message: str) -> None:
         raise ConfigError(f"{type(config).__name__}.{field} {message} (got {getattr(config, field)!r})")
 
 
-# ----------------------------------------------------------------------------------------------
-# Backbones: an encoder trunk maps an image to a feature vector; a decoder trunk maps a code
-# vector back to per-pixel parameters (logits / pre-sigmoid means) of shape (C, H, W).
-# ----------------------------------------------------------------------------------------------
-
-
-class MLPEncoder(nn.Module):
-    def __init__(self, input_shape: tuple[int, int, int], hidden_dim: int, num_layers: int):
-        super().__init__()
-        layers: list[nn.Module] = [nn.Flatten()]
-        width = math.prod(input_shape)
-        for _ in range(num_layers):
-            layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
-            width = hidden_dim
-        self.net = nn.Sequential(*layers)
-        self.feature_dim = hidden_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class MLPDecoder(nn.Module):
-    def __init__(self, input_shape: tuple[int, int, int], code_dim: int, hidden_dim: int, num_layers: int):
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = code_dim
-        for _ in range(num_layers):
-            layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
-            width = hidden_dim
-        layers += [nn.Linear(width, math.prod(input_shape)), nn.Unflatten(1, tuple(input_shape))]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, code: torch.Tensor) -> torch.Tensor:
-        return self.net(code)
-
-
-def conv_stage_shapes(input_shape: tuple[int, int, int], channels: tuple[int, ...]) -> list[tuple[int, int, int]]:
-    """Shapes after each stride-2 stage; stages stop once a side would drop below 4 pixels."""
-    _, h, w = input_shape
-    shapes = []
-    for c in channels:
-        if min(h, w) // 2 < 2 or (shapes and min(h, w) <= 4):
-            break
-        h, w = h // 2, w // 2
-        shapes.append((c, h, w))
-    if not shapes:  # tiny images: keep one stage so the conv backbone still has a conv
-        shapes.append((channels[0], max(h // 2, 1), max(w // 2, 1)))
-    return shapes
-
-
-class ConvEncoder(nn.Module):
-    def __init__(self, input_shape: tuple[int, int, int], channels: tuple[int, ...], hidden_dim: int):
-        super().__init__()
-        stages = conv_stage_shapes(input_shape, channels)
-        layers: list[nn.Module] = []
-        in_c = input_shape[0]
-        for c, _, _ in stages:
-            layers += [nn.Conv2d(in_c, c, kernel_size=4, stride=2, padding=1), nn.ReLU()]
-            in_c = c
-        c, h, w = stages[-1]
-        layers += [nn.Flatten(), nn.Linear(c * h * w, hidden_dim), nn.ReLU()]
-        self.net = nn.Sequential(*layers)
-        self.feature_dim = hidden_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class ConvDecoder(nn.Module):
-    def __init__(self, input_shape: tuple[int, int, int], code_dim: int, channels: tuple[int, ...], hidden_dim: int):
-        super().__init__()
-        stages = conv_stage_shapes(input_shape, channels)
-        c, h, w = stages[-1]
-        layers: list[nn.Module] = [
-            nn.Linear(code_dim, hidden_dim), nn.ReLU(),
-            nn.Linear(hidden_dim, c * h * w), nn.ReLU(),
-            nn.Unflatten(1, (c, h, w)),
-        ]
-        # Walk the encoder's stages backwards; output_padding makes odd sizes (7 -> 14 -> 28) exact.
-        targets = [s[1:] for s in stages[:-1]][::-1] + [tuple(input_shape[1:])]
-        out_channels = [s[0] for s in stages[:-1]][::-1] + [input_shape[0]]
-        in_c, cur = c, (h, w)
-        for i, ((th, tw), out_c) in enumerate(zip(targets, out_channels)):
-            pad = (th - 2 * cur[0], tw - 2 * cur[1])
-            if not all(p in (0, 1) for p in pad):
-                raise ValueError(f"conv decoder cannot reach {(th, tw)} from {cur}")
-            layers.append(nn.ConvTranspose2d(in_c, out_c, kernel_size=4, stride=2, padding=1, output_padding=pad))
-            if i < len(targets) - 1:
-                layers.append(nn.ReLU())
-            in_c, cur = out_c, (th, tw)
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, code: torch.Tensor) -> torch.Tensor:
-        return self.net(code)
-
-
-# The residual backbone. Why each piece: GroupNorm keeps activations scaled without making a
-# sample's output depend on its batch (BatchNorm would change log p(x) between train and eval);
-# residual blocks add depth where the maps are small (<= RES_BLOCK_MAX_SIDE a side), which costs
-# little on a CPU, while the large maps keep one strided conv each; the decoder upsamples with
-# transposed convs whose kernel (4) is a multiple of the stride (2), so no checkerboard, sized
-# exactly with output_padding (7 -> 14 -> 28, 8 -> 16 -> 32 -> 64) — a nearest resize + 3x3 conv
-# measured 3-5x slower per step here; and each decoder stage adds a projection of the code
-# (latent + one-hot class for conditional families) as a per-channel bias, so the label and z
-# reach every scale instead of only the first dense layer, where the label is easy to ignore.
-
-RES_BLOCK_MAX_SIDE = 8
-
-
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(8, channels), channels)
-
-
-class ResBlock(nn.Module):
-    """x + conv(SiLU(GN(conv(SiLU(GN(x)))))), pre-activation style (He et al. 2016)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.net = nn.Sequential(
-            _norm(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
-            _norm(channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
-        )
-        nn.init.zeros_(self.net[-1].weight)  # each block starts as the identity: a shallow net at step 0
-        nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.net(x)
-
-
-def _res_block_or_identity(channels: int, h: int, w: int) -> nn.Module:
-    return ResBlock(channels) if max(h, w) <= RES_BLOCK_MAX_SIDE else nn.Identity()
-
-
-class ResConvEncoder(nn.Module):
-    def __init__(self, input_shape: tuple[int, int, int], channels: tuple[int, ...], hidden_dim: int):
-        super().__init__()
-        stages = conv_stage_shapes(input_shape, channels)
-        layers: list[nn.Module] = []
-        in_c = input_shape[0]
-        for c, h, w in stages:
-            layers += [nn.Conv2d(in_c, c, kernel_size=4, stride=2, padding=1), _norm(c), nn.SiLU(),
-                       _res_block_or_identity(c, h, w)]
-            in_c = c
-        c, h, w = stages[-1]
-        layers += [nn.Flatten(), nn.Linear(c * h * w, hidden_dim), nn.SiLU()]
-        self.net = nn.Sequential(*layers)
-        self.feature_dim = hidden_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class ResConvDecoder(nn.Module):
-    def __init__(self, input_shape: tuple[int, int, int], code_dim: int, channels: tuple[int, ...], hidden_dim: int):
-        super().__init__()
-        stages = conv_stage_shapes(input_shape, channels)
-        c, h, w = stages[-1]
-        self.stem = nn.Sequential(
-            nn.Linear(code_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, c * h * w), nn.Unflatten(1, (c, h, w)),
-        )
-        # walk the encoder's stages backwards, each time to the exact size the encoder came from
-        targets = [s[1:] for s in stages[:-1]][::-1] + [tuple(input_shape[1:])]
-        out_channels = [s[0] for s in stages[:-1]][::-1] + [input_shape[0]]
-        self.code_bias, self.blocks, self.ups = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        in_c, cur = c, (h, w)
-        for i, ((th, tw), out_c) in enumerate(zip(targets, out_channels)):
-            pad = (th - 2 * cur[0], tw - 2 * cur[1])
-            if not all(p in (0, 1) for p in pad):
-                raise ValueError(f"conv decoder cannot reach {(th, tw)} from {cur}")
-            self.code_bias.append(nn.Linear(code_dim, in_c))
-            self.blocks.append(_res_block_or_identity(in_c, *cur))
-            up: list[nn.Module] = [nn.ConvTranspose2d(in_c, out_c, 4, stride=2, padding=1, output_padding=pad)]
-            if i < len(targets) - 1:  # the last one gives the likelihood's parameters: no norm, no activation
-                up += [_norm(out_c), nn.SiLU()]
-            self.ups.append(nn.Sequential(*up))
-            in_c, cur = out_c, (th, tw)
-
-    def forward(self, code: torch.Tensor) -> torch.Tensor:
-        h = self.stem(code)
-        for bias, block, up in zip(self.code_bias, self.blocks, self.ups):
-            h = up(block(h + bias(code)[:, :, None, None]))
-        return h
-
-
-def build_encoder(config: ModelConfig, input_shape: tuple[int, int, int]) -> nn.Module:
-    """Encoder trunk: image -> features of size `.feature_dim` (heads are the family's business)."""
-    if config.backbone == "mlp":
-        return MLPEncoder(input_shape, config.dense_width, config.mlp_layers)
-    if config.backbone == "conv":
-        return ConvEncoder(input_shape, config.conv_channels, config.dense_width)
-    return ResConvEncoder(input_shape, config.conv_channels, config.dense_width)
-
-
-def build_decoder(config: ModelConfig, input_shape: tuple[int, int, int], code_dim: int) -> nn.Module:
-    """Decoder trunk: code of size `code_dim` -> per-pixel parameters shaped like the image."""
-    if config.backbone == "mlp":
-        return MLPDecoder(input_shape, code_dim, config.dense_width, config.mlp_layers)
-    if config.backbone == "conv":
-        return ConvDecoder(input_shape, code_dim, config.conv_channels, config.dense_width)
-    return ResConvDecoder(input_shape, code_dim, config.conv_channels, config.dense_width)
-
-
-# ----------------------------------------------------------------------------------------------
-# Decoder likelihood p(x|z): turns decoder output into log-probabilities and mean images.
-# ----------------------------------------------------------------------------------------------
-
-
-class DecoderLikelihood(nn.Module):
-    """Bernoulli (logits) or Gaussian (sigmoid mean, fixed or learned per-channel std)."""
-
-    def __init__(self, kind: str, num_channels: int, std: float):
-        super().__init__()
-        self.kind = kind
-        if kind == "gaussian_learned":
-            self.log_std = nn.Parameter(torch.full((num_channels,), math.log(std)))
-        else:
-            self.register_buffer("log_std", torch.full((num_channels,), math.log(std)), persistent=False)
-
-    def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """log p(x|z) summed over pixels: one number per sample, in nats."""
-        if self.kind == "bernoulli":
-            return -F.binary_cross_entropy_with_logits(params, x, reduction="none").flatten(1).sum(1)
-        log_std = self.log_std.clamp(min=-7.0).view(1, -1, 1, 1)
-        mean = torch.sigmoid(params)
-        logp = -0.5 * ((x - mean) / log_std.exp()) ** 2 - log_std - 0.5 * LOG_2PI
-        return logp.flatten(1).sum(1)
-
-    def mean(self, params: torch.Tensor) -> torch.Tensor:
-        """The image the decoder predicts, in [0, 1]."""
-        return torch.sigmoid(params)
-
-    def tempered_mean(self, mean: torch.Tensor, pixel_temperature: float) -> torch.Tensor:
-        """Mean of the tempered likelihood p(x|z)^(1/T) (normalised), from the plain mean.
-
-        Bernoulli: p^(1/T) / (p^(1/T) + (1-p)^(1/T)) = sigmoid(logit(p) / T); below 1 it moves every
-        pixel towards its more likely value, the sharp strokes a Bernoulli mean smears out as grey
-        (the per-pixel independence assumption turns stroke-position uncertainty into blur). A Gaussian
-        tempered by 1/T keeps its mean, so Gaussian likelihoods are returned unchanged."""
-        if self.kind != "bernoulli" or pixel_temperature == 1.0:
-            return mean
-        eps = 1e-6
-        return torch.sigmoid(torch.logit(mean.clamp(eps, 1 - eps)) / pixel_temperature)
-
-
-# ----------------------------------------------------------------------------------------------
-# Gaussian helpers. logvar everywhere is log sigma^2; everything returns per-sample sums unless
-# its name says per-dimension.
-# ----------------------------------------------------------------------------------------------
-
-
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """z = mu + sigma * eps (Kingma & Welling 2014), so gradients flow through mu and sigma."""
-    eps = randn_like(mu, generator)
-    return mu + torch.exp(0.5 * logvar) * eps
-
-
-def randn_like(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard normal noise shaped like t; drawn on the generator's device, then moved."""
-    if generator is None:
-        return torch.randn_like(t)
-    return torch.randn(t.shape, generator=generator, device=generator.device, dtype=t.dtype).to(t.device)
-
-
-def gaussian_kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """Analytic KL(N(mu, sigma^2) || N(0, 1)) per latent dimension (shape of mu)."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
-
-
-def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """Analytic KL to the standard normal, summed over dimensions: one number per sample."""
-    return gaussian_kl_per_dim(mu, logvar).flatten(1).sum(1)
-
-
-def gaussian_kl_between(mu_q, logvar_q, mu_p, logvar_p) -> torch.Tensor:
-    """Analytic KL(N(mu_q, var_q) || N(mu_p, var_p)) summed over dimensions, per sample."""
-    kl = 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p) ** 2) / logvar_p.exp() - 1.0)
-    return kl.flatten(1).sum(1)
-
-
-def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; mu, sigma^2) summed over the last dimension."""
-    return (-0.5 * (LOG_2PI + logvar + (z - mu) ** 2 / logvar.exp())).sum(-1)
-
-
-def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
-    """log N(z; 0, I) summed over the last dimension."""
-    return (-0.5 * (LOG_2PI + z**2)).sum(-1)
-
-
-def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return F.one_hot(labels.long(), num_classes).float()
-
-
-def linear_warmup(step: int, warmup_steps: int) -> float:
-    """KL weight for warm-up (Bowman et al. 2016; Sønderby et al. 2016): 0 -> 1 over warmup_steps."""
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, step / warmup_steps)
-
-
-def active_units(posterior_means: torch.Tensor, threshold: float = 0.01) -> int:
-    """Active units (Burda et al. 2016): dims whose posterior mean varies over the data, Cov_x(E_q[z]) > threshold."""
-    return int((posterior_means.float().var(dim=0) > threshold).sum().item())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,6 +225,40 @@ class AutoEncoderModel(nn.Module):
         if self.is_conditional:
             return self.decode(z, self._check_labels(labels, n).to(self.device)), z
         return self.decode(z), z
+
+    def condition_on(self, labels, all_known: bool = False) -> torch.Tensor | None:
+        """What this model's `labels` argument takes for these class ids: None for an unconditional
+        model; a long tensor on the model's device otherwise, -1 kept where a label is unknown (a family
+        that can infer it, like ssvae, does; the others refuse). With `all_known`, None unless every
+        label is known. Pipelines call this instead of branching on is_conditional."""
+        if not self.is_conditional or labels is None:
+            return None
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        return None if all_known and bool((labels < 0).any()) else labels
+
+    @torch.no_grad()
+    def interpolate(self, x: torch.Tensor, steps: int, labels=None) -> torch.Tensor:
+        """`steps` images decoded on the straight line from x[0]'s code to x[1]'s (conditional models:
+        in x[0]'s class). What every interpolation figure and grid draws."""
+        labels = self.condition_on(labels)
+        a, b = self.embed(x, labels)[:2]
+        t = torch.linspace(0.0, 1.0, steps, device=a.device)[:, None]
+        return self.decode((1 - t) * a + t * b, None if labels is None else labels[:1].repeat(steps))
+
+    @torch.no_grad()
+    def traverse(self, x: torch.Tensor, values: torch.Tensor, dims: list[int] | None = None,
+                 labels=None) -> torch.Tensor:
+        """Latent traversal: x[0]'s code with each of `dims` (default every one) swept over `values`,
+        the rest fixed; one row of len(values) images per dimension, rows in the order of `dims`."""
+        labels = self.condition_on(labels)
+        base = self.embed(x[:1], None if labels is None else labels[:1])[0]
+        dims = list(range(base.numel())) if dims is None else list(dims)
+        values = torch.as_tensor(values, dtype=base.dtype, device=base.device)
+        z = base.repeat(len(dims), len(values), 1)
+        for row, d in enumerate(dims):
+            z[row, :, d] = values
+        z = z.flatten(0, 1)
+        return self.decode(z, None if labels is None else labels[:1].repeat(len(z)))
 
     # -- helpers for subclasses ---------------------------------------------------------------
     @property

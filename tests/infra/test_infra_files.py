@@ -220,8 +220,9 @@ def test_configmap_configs_pass_the_job_entry_points(configmap_configs, monkeypa
     parsing and validation run; only the pipeline call itself is replaced by a recorder."""
     import jobs.train
     import jobs.tune
-    from pipelines.train_config import TrainConfig
-    from pipelines.tune_config import TuneConfig
+    from pipelines import workflows
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.search_config import TuneConfig
 
     seen = {}
 
@@ -232,9 +233,10 @@ def test_configmap_configs_pass_the_job_entry_points(configmap_configs, monkeypa
         return pipeline
 
     monkeypatch.setattr(jobs.train, "run_training", record("train"))
-    monkeypatch.setattr(jobs.tune, "run_search", record("tune", lambda config: {
-        "best": {"run_id": "r1"}, "tracking_uri": config.base.tracking.tracking_uri}))
-    monkeypatch.setattr(jobs.tune, "register_run", record("register"))
+    monkeypatch.setattr(workflows, "run_search", record("tune", lambda config: {
+        "best": {"run_id": "r1"}, "parent_run_id": "p1", "tracking_uri": config.base.tracking.tracking_uri}))
+    monkeypatch.setattr(workflows, "set_run_tag", lambda *args: None)
+    monkeypatch.setattr(workflows, "register_run", record("register"))
     assert jobs.train.main(["--config", str(configmap_configs["train"])]) == 0
     assert jobs.tune.main(["--config", str(configmap_configs["tune"])]) == 0
 
@@ -249,7 +251,8 @@ def test_configmap_configs_pass_the_job_entry_points(configmap_configs, monkeypa
 
 def test_generate_configmap_config_passes_the_generate_entry_point(configmap_configs, monkeypatch):
     jobs_generate = pytest.importorskip("jobs.generate")
-    from pipelines.generate import GenerateConfig
+    from pipelines import workflows
+    from pipelines.batch.generate import GenerateConfig
 
     seen = {}
 
@@ -261,8 +264,8 @@ def test_generate_configmap_config_passes_the_generate_entry_point(configmap_con
         seen["generate"] = config
         return {}
 
-    monkeypatch.setattr(jobs_generate, "pull", fake_pull)
-    monkeypatch.setattr(jobs_generate, "run_generation", fake_generation)
+    monkeypatch.setattr(workflows, "pull", fake_pull)
+    monkeypatch.setattr(workflows, "run_generation", fake_generation)
     assert jobs_generate.main(["--config", str(configmap_configs["generate"])]) == 0
     config = seen["generate"]
     assert isinstance(config, GenerateConfig)

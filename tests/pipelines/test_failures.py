@@ -249,7 +249,7 @@ def test_invalid_registered_model_name(tmp_path, capsys):
 
 
 def test_generate_reads_the_tracking_uri_from_the_environment(tmp_path, capsys, monkeypatch):
-    from pipelines.tracking import connect
+    from pipelines.registry.tracking import connect
 
     store = tmp_path / "mlflow.db"
     connect(f"sqlite:///{store}").search_experiments()  # an empty, existing store
@@ -370,10 +370,10 @@ def test_evaluate_failing_late_leaves_no_out(digits_dataset, vae_folder, tmp_pat
 
 def trained_run(uri, data, name, family="cvae", steps=2):
     """A short real training run in the store: per-epoch metrics, model/ (with dataset.json), figures/."""
-    from pipelines.sessions import LocalSession
-    from pipelines.tracking import start_run
-    from pipelines.train_config import TrainConfig
-    from pipelines.train_loop import run_loop
+    from pipelines.training.sessions import LocalSession
+    from pipelines.registry.tracking import start_run
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.loop import run_loop
 
     config = {"data": str(data), "name": name, "tracking": {"tracking_uri": uri, "experiment": "failures"},
               "model": {"name": family, "params": {"backbone": "mlp", "latent_dim": 4, "hidden_dim": 16}},
@@ -394,7 +394,7 @@ def store(tmp_path_factory):
 def test_champion_gate_compares_full_precision_and_never_duplicates(store, digits_dataset):
     import mlflow
 
-    from pipelines.registry import RegisterRequest, register_run
+    from pipelines.registry.versions import RegisterRequest, register_run
 
     uri, _ = store
     a, b, c = (trained_run(uri, digits_dataset, n) for n in ("a", "b", "c"))
@@ -419,7 +419,7 @@ def test_champion_gate_compares_full_precision_and_never_duplicates(store, digit
 
 @pytest.mark.slow
 def test_rewritten_weights_and_checksums_are_caught_by_the_version_tag(store, digits_dataset, tmp_path):
-    from pipelines.registry import CHECKSUMS_FILE, RegisterRequest, RegistryError, file_checksums, pull, register_run
+    from pipelines.registry.versions import CHECKSUMS_FILE, RegisterRequest, RegistryError, file_checksums, pull, register_run
 
     uri, folder = store
     run_id = trained_run(uri, digits_dataset, "tamper")
@@ -440,7 +440,7 @@ def test_rewritten_weights_and_checksums_are_caught_by_the_version_tag(store, di
 def test_class_names_travel_from_image_folder_to_generated_folders(ray_session, store, tmp_path, capsys):
     import pyarrow.dataset as pads
 
-    from pipelines.registry import RegisterRequest, pull, register_run
+    from pipelines.registry.versions import RegisterRequest, pull, register_run
 
     uri, _ = store
     photos = tmp_path / "photos"
@@ -488,9 +488,9 @@ def test_class_names_travel_from_image_folder_to_generated_folders(ray_session, 
 @pytest.mark.slow
 @pytest.mark.ray
 def test_tune_survives_mid_epoch_checkpoints(ray_session, digits_dataset, tmp_path):
-    from pipelines.checkpoints import read_state
-    from pipelines.tune import run_search
-    from pipelines.tune_config import TuneConfig
+    from pipelines.training.checkpoints import read_state
+    from pipelines.training.search import run_search
+    from pipelines.training.search_config import TuneConfig
 
     config = TuneConfig.from_dict({
         "base": {"data": str(digits_dataset), "storage": str(tmp_path / "runs"),
@@ -518,8 +518,8 @@ def cvae_folder(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_damaged_file_of_the_same_size_is_reported_and_rewritten(ray_session, cvae_folder, tmp_path):
-    from pipelines.batch_job import verify_files
-    from pipelines.generate import GenerateConfig, run_generation
+    from pipelines.batch.job import verify_files
+    from pipelines.batch.generate import GenerateConfig, run_generation
 
     config = GenerateConfig(model_dir=str(cvae_folder), out=str(tmp_path / "g"), per_class=5, block_size=10,
                             workers=1)
@@ -564,7 +564,7 @@ def test_ctrl_c_on_generate_exits_130_with_one_line(cvae_folder, tmp_path):
 def test_second_generate_into_a_folder_in_use_is_refused(cvae_folder, tmp_path, capsys):
     import fcntl
 
-    from pipelines.batch_job import LOCK_NAME
+    from pipelines.batch.job import LOCK_NAME
 
     out = tmp_path / "g"
     out.mkdir()
@@ -598,7 +598,7 @@ def test_read_only_out_is_one_line(cvae_folder, tmp_path, capsys):
 
 def test_generate_job_reads_the_tracking_uri_from_the_environment(tmp_path, capsys, monkeypatch):
     from jobs.generate import main as generate_job
-    from pipelines.tracking import connect
+    from pipelines.registry.tracking import connect
 
     store = tmp_path / "mlflow.db"
     connect(f"sqlite:///{store}").search_experiments()
@@ -618,7 +618,7 @@ def test_the_failure_table_names_every_test_here_and_only_tests_that_exist():
     table = (root / "docs" / "failure-modes.md").read_text()
     named = set(re.findall(r"`(?:tests/[\w/]+\.py::)?(test_\w+)", table))
     sources = "".join((root / "tests" / "pipelines" / f).read_text()
-                      for f in ("test_failures.py", "test_registry.py", "data/test_build.py"))
+                      for f in ("test_failures.py", "registry/test_registry.py", "data/test_build.py"))
     defined = set(re.findall(r"^def (test_\w+)", sources, re.M))
     assert named - defined == set()
     here = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text(), re.M))

@@ -1,0 +1,82 @@
+"""What `vaepipe generate` is asked to do: its typed config, validated once. Light on purpose (no
+torch, pyarrow or Ray), so the CLI takes its flags' defaults from here."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.config import config_error, from_dict
+
+
+# images written are the mean of p(x|z)^(1/T) (vaemodels' `temper_pixels`): 1 = the plain decoder mean, which a
+# Bernoulli decoder smears into grey blur; 0.25 sharpens its strokes (mnist5k cvae, 15 epochs: CAS with the
+# reference CNN 0.69 at T = 1, 0.91 at 0.5, 0.93 at 0.25; issue 12). Gaussian likelihoods are unchanged by it.
+DEFAULT_PIXEL_TEMPERATURE = 0.25
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    model_dir: str  # a saved model folder (vaemodels.save_model: config.json + model.safetensors)
+    out: str  # output folder; "{date}" becomes today's date (YYYY-MM-DD) for scheduled daily runs
+    num_samples: int | None = None  # total samples; a conditional model gets uniform labels (seeded)
+    per_class: int | None = None  # samples of every class (conditional models); set exactly one of the two
+    model_uri: str = ""  # where the model came from (e.g. models:/NAME@ALIAS), kept in rows; "" = model_dir
+    model_name: str = ""  # registered model name (provenance)
+    model_version: str = ""  # registered model version (provenance)
+    seed: int = 0  # fixes labels and noise: same request -> byte-identical files
+    temperature: float = 1.0  # prior noise scale: z ~ N(0, T^2 I); below 1 trades variety for typicality
+    pixel_temperature: float = DEFAULT_PIXEL_TEMPERATURE  # images = mean of p(x|z)^(1/T); 1 = plain decoder mean
+    batch_size: int = 256  # samples decoded at once on a worker
+    block_size: int = 1000  # samples per seeded block (the unit of work, resume and files)
+    workers: int = 2  # Ray Data actor pool size (one model copy each)
+    use_gpu: bool = False  # one GPU per worker
+    class_names: tuple[str, ...] | None = None  # image folder names by label; None = the label number
+    overwrite: bool = False  # replace another request's data in out (a finished same request is a no-op)
+    # keep only samples this saved reference classifier (`vaepipe evaluate`'s OUT/reference_classifier/)
+    # gives their label with probability >= filter_confidence; set both or neither (conditional models)
+    filter_classifier: str | None = None
+    filter_confidence: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.num_samples is None) == (self.per_class is None):
+            got = "both" if self.num_samples is not None else "neither"
+            raise config_error()(f"set exactly one of num_samples and per_class (got {got})")
+        checks = [
+            (bool(self.model_dir), "model_dir must name a saved model folder"),
+            (bool(self.out), "out must name a folder"),
+            (self.num_samples is None or self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
+            (self.per_class is None or self.per_class >= 1, f"per_class must be >= 1, got {self.per_class}"),
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (math.isfinite(self.temperature) and self.temperature > 0,
+             f"temperature must be > 0, got {self.temperature}"),
+            (math.isfinite(self.pixel_temperature) and self.pixel_temperature > 0,
+             f"pixel_temperature must be > 0, got {self.pixel_temperature}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}"),
+            (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
+            ((self.filter_classifier is None) == (self.filter_confidence is None),
+             "filter_classifier and filter_confidence go together (--filter-classifier DIR --filter-confidence P): "
+             f"got only {'filter_classifier' if self.filter_classifier is not None else 'filter_confidence'}"),
+            (self.filter_classifier is None or bool(self.filter_classifier),
+             "filter_classifier must name a saved reference classifier folder"),
+            (self.filter_confidence is None or 0 < self.filter_confidence < 1,
+             f"filter_confidence must be in (0, 1), got {self.filter_confidence}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise config_error()(message)
+        if self.class_names is not None:
+            bad = [n for n in self.class_names if not n or n in (".", "..") or "/" in n or "\\" in n]
+            if bad or len(set(self.class_names)) != len(self.class_names):
+                raise config_error()(f"class_names must be unique, non-empty folder names without '/', got "
+                                  f"{list(self.class_names)}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GenerateConfig":
+        return from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+

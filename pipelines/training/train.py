@@ -1,0 +1,151 @@
+"""`vaepipe train`: the driver. It validates the config, opens the MLflow run (params = the
+whole resolved config, tag = dataset manifest hash), and runs `train_loop_per_worker` under Ray
+Train's TorchTrainer (DDP: gloo on CPU, NCCL on GPU) with checkpoints in the run's storage and
+FailureConfig restarts. Relaunching with the same run name resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from pipelines.config import ConfigError
+from pipelines.data import read_manifest
+from pipelines.ray_runtime import ensure_ray
+from pipelines.registry.tracking import end_run, start_run
+from pipelines.training.config import TrainConfig, validate_model_params
+
+RUN_INFO_FILE = "vaepipe-run.json"  # beside Ray's files in storage/NAME: config + MLflow run id
+
+
+def storage_root(config: TrainConfig) -> str:
+    """Ray wants an absolute local path or a URI."""
+    return config.storage if "://" in config.storage else str(Path(config.storage).resolve())
+
+
+def absolute_paths(config: TrainConfig) -> TrainConfig:
+    """Ray Train workers run in folders of their own: give them absolute data, storage and tracking paths."""
+    data = config.data if "://" in config.data else str(Path(config.data).resolve())
+    return replace(config, data=data, storage=storage_root(config),
+                   tracking=replace(config.tracking, tracking_uri=config.tracking_uri()))
+
+
+def run_training(config: TrainConfig, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Train per `config`; returns the MLflow run id, the checkpoint location and final metrics."""
+    config = absolute_paths(config)
+    manifest = read_manifest(config.data)
+    validate_model_params(config, manifest.image_shape, manifest.num_classes or None)
+    if config.train.batch_size > manifest.num_samples("train") // max(1, config.scaling.workers):
+        raise ConfigError(f"train.batch_size={config.train.batch_size} is larger than each worker's share of "
+                          f"the {manifest.num_samples('train')} training samples")
+    if manifest.num_samples("val") < config.scaling.workers:
+        # without val metrics there is no val_elbo for `register`'s champion gate or `tune` to compare
+        raise ConfigError(f"{manifest.location} has {manifest.num_samples('val')} val samples, fewer than the "
+                          f"{config.scaling.workers} worker(s); rebuild it with --val-fraction > 0")
+    root = storage_root(config)
+    run_name = config.name or f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = start_run(config.tracking_uri(), config.tracking.experiment, run_name, config.to_dict(),
+                       {"dataset_sha256": manifest.sha256(), "dataset": manifest.location,
+                        "model": config.model.name, "vaepipe.storage": f"{root}/{run_name}"},
+                       parent_run_id=parent_run_id)
+    save_run_info(root, run_name, config, run_id)
+    return _fit(config, run_name, run_id)
+
+
+def resume_training(storage: str, run_name: str) -> dict[str, Any]:
+    """Continue run `run_name` under `storage` from its latest checkpoint, in the same MLflow run."""
+    root = storage if "://" in storage else str(Path(storage).resolve())
+    config, run_name, run_id = load_run_info(root, run_name)
+    print(f"[train] resuming run {run_name} (MLflow run {run_id})", file=sys.stderr)
+    return _fit(config, run_name, run_id)
+
+
+def _fit(config: TrainConfig, run_name: str, run_id: str) -> dict[str, Any]:
+    config = absolute_paths(config)
+    if config.scaling.workers == 0:
+        return _fit_in_process(config, run_name, run_id)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    root, tracking_uri = config.storage, config.tracking_uri()
+    ensure_ray()
+    from pipelines.training.loop import train_loop_per_worker
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**config.to_dict(), "mlflow_run_id": run_id},
+        scaling_config=ScalingConfig(num_workers=config.scaling.workers, use_gpu=config.scaling.use_gpu,
+                                     resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=root,
+            failure_config=FailureConfig(max_failures=config.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=3),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        end_run(tracking_uri, run_id, "FAILED")
+        raise
+    end_run(tracking_uri, run_id, "FINISHED")
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    return {
+        "run_id": run_id,
+        "run_name": run_name,
+        "tracking_uri": tracking_uri,
+        "checkpoint": checkpoint,
+        "metrics": final_metrics(tracking_uri, run_id),
+    }
+
+
+def _fit_in_process(config: TrainConfig, run_name: str, run_id: str) -> dict[str, Any]:
+    """`--workers 0`: the same loop in this process, no Ray start-up; checkpoints in STORAGE/NAME."""
+    from pipelines.training.sessions import LocalSession
+    from pipelines.training.loop import run_loop
+
+    if "://" in config.storage:
+        raise ConfigError("scaling.workers=0 trains in this process and keeps checkpoints on local disk: "
+                          f"storage must be a local folder, not {config.storage}")
+    tracking_uri = config.tracking_uri()
+    session = LocalSession(use_gpu=config.scaling.use_gpu, checkpoint_root=Path(config.storage) / run_name,
+                           keep=3)
+    try:
+        run_loop({**config.to_dict(), "mlflow_run_id": run_id}, session)
+    except BaseException:
+        end_run(tracking_uri, run_id, "FAILED")
+        raise
+    end_run(tracking_uri, run_id, "FINISHED")
+    return {
+        "run_id": run_id,
+        "run_name": run_name,
+        "tracking_uri": tracking_uri,
+        "checkpoint": session.latest_checkpoint,
+        "metrics": final_metrics(tracking_uri, run_id),
+    }
+
+
+def final_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
+    """The last value of every metric the run logged (what MLflow shows as the run's metrics)."""
+    from pipelines.registry.tracking import connect
+
+    return dict(connect(tracking_uri).get_run(run_id).data.metrics)
+
+
+def save_run_info(root: str, run_name: str, config: TrainConfig, run_id: str) -> None:
+    with fsspec.open(f"{root}/{run_name}/{RUN_INFO_FILE}", "w", auto_mkdir=True) as f:
+        json.dump({"run_name": run_name, "mlflow_run_id": run_id, "config": config.to_dict()}, f, indent=2)
+
+
+def load_run_info(root: str, run_name: str) -> tuple[TrainConfig, str, str]:
+    try:
+        with fsspec.open(f"{root}/{run_name}/{RUN_INFO_FILE}", "r") as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"no run named {run_name!r} under storage {root} (nothing to resume)") from None
+    return TrainConfig.from_dict(info["config"]), info["run_name"], info["mlflow_run_id"]
