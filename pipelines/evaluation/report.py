@@ -82,7 +82,8 @@ SECTIONS = (
 
 
 FIGURE_CAPTIONS = {
-    "samples.png": "Samples from the model's prior (conditional models: classes in turn).",
+    "samples.png": "Samples from the model's prior as `vaepipe generate` writes them by default (pixel temperature "
+                   "0.25); conditional models: one row per class.",
     "synthetic.png": "The synthetic set the metrics judged: one row per class (label as used for CAS; "
                      "-1 = unlabelled).",
     "reconstructions.png": "Real val images (top) and their reconstructions (bottom).",

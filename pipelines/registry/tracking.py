@@ -165,6 +165,7 @@ def _write_figures(model, batch: dict[str, torch.Tensor], folder: Path, seed: in
     # check the tracking server before it pays for importing torch (seconds on a busy machine)
     import torch
 
+    from pipelines.batch.generate_config import DEFAULT_PIXEL_TEMPERATURE
     from pipelines.figures import display_scale, save_grid
 
     images, labels = batch["image"], batch["label"]
@@ -172,10 +173,14 @@ def _write_figures(model, batch: dict[str, torch.Tensor], folder: Path, seed: in
     paths = []
     if model.is_generative:
         generator = torch.Generator().manual_seed(seed)
-        n = 64
-        sample_labels = model.condition_on(torch.arange(n) % (model.num_classes or 1))  # classes in turn
-        paths.append(save_grid(model.sample(n, labels=sample_labels, generator=generator), folder / "samples.png",
-                               nrow=8, scale=scale))
+        # one row of 8 per class (conditional models; 8 x 8 without classes), tempered as `vaepipe generate`
+        # writes them by default, so the figure shows the data a user gets
+        per_row = 8
+        n = per_row * (model.num_classes or per_row)
+        sample_labels = model.condition_on(torch.arange(n) // per_row)
+        drawn = model.temper_pixels(model.sample(n, labels=sample_labels, generator=generator),
+                                    DEFAULT_PIXEL_TEMPERATURE)
+        paths.append(save_grid(drawn, folder / "samples.png", nrow=per_row, scale=scale))
     known = model.condition_on(labels, all_known=True)
     recon = model.reconstruct(images, known)
     paths.append(save_grid(torch.cat([images, recon]), folder / "reconstructions.png", nrow=len(images), scale=scale))
