@@ -85,7 +85,8 @@ def _write_split(source: ImageSource, split: str, indices: np.ndarray, folder: P
             chunk = indices[start:start + ENCODE_CHUNK]
             images, labels, factors = source.batch(chunk)
             for j, index in enumerate(chunk):
-                sample = {"__key__": f"{int(index):08d}", "png": encode_png(images[j]), "cls": int(labels[j])}
+                key = int(index) if source.source_index is None else int(source.source_index[index])
+                sample = {"__key__": f"{key:08d}", "png": encode_png(images[j]), "cls": int(labels[j])}
                 if factors is not None:
                     sample["json"] = {"factors": factors[j].tolist()}
                 sink.write(sample)

