@@ -19,9 +19,9 @@ from pipelines.data import BuildConfig, build_dataset, read_manifest
 from pipelines.evaluation.config import EvaluateConfig
 from pipelines.evaluation.evaluate import run_evaluation
 from pipelines.batch.generate import GenerateConfig, run_generation
-from pipelines.registry.versions import RegisterRequest, pull, register_run
-from pipelines.training.search import run_search
+from pipelines.registry.versions import pull
 from pipelines.training.search_config import TuneConfig
+from pipelines.workflows import search_and_register
 
 # Why MNIST digits and not the built-in shapes: on shapes (64x64, three classes that differ only in
 # a few edge pixels) a conditional VAE needs far more than the demo's CPU budget before its rows
@@ -56,8 +56,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     manifest = read_manifest(str(shards))
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
 
-    print("[demo] 2/5 searching the latent size of a conditional VAE with Ray Tune + ASHA", file=sys.stderr)
-    search = run_search(TuneConfig.from_dict({
+    print("[demo] 2/5 searching the latent size of a conditional VAE with Ray Tune + ASHA, then registering "
+          f"the best trial as {MODEL_NAME} (the same workflow as `vaepipe tune --register-as`)", file=sys.stderr)
+    search = search_and_register(TuneConfig.from_dict({
         "base": {
             "data": str(shards),
             # the model's own defaults (resconv backbone, learned class prior): nothing tuned here
@@ -69,11 +70,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         },
         "search": {"beta": [1.0], "latent_dim": list(config.latent_dims), "max_concurrent": 2},
         "name": "demo-search",
-    }))
+    }), register_as=MODEL_NAME)
+    registered = search["registered"]
 
-    print(f"[demo] 3/5 registering the best trial as {MODEL_NAME}", file=sys.stderr)
-    registered = register_run(RegisterRequest(run_id=search["best"]["run_id"], name=MODEL_NAME,
-                                              tracking_uri=tracking_uri))
+    print(f"[demo] 3/5 pulling {MODEL_NAME}@champion back from the registry", file=sys.stderr)
     uri = f"models:/{MODEL_NAME}@champion"
     _, pulled = pull(uri, tracking_uri, workdir / "models" / "champion")
 
