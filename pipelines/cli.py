@@ -226,7 +226,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 # flag -> GenerateConfig key; applied over the --config file, before --set
 GENERATE_FLAGS = {"out": "out", "num_samples": "num_samples", "per_class": "per_class", "seed": "seed",
-                  "temperature": "temperature", "pixel_temperature": "pixel_temperature", "batch_size": "batch_size", "workers": "workers",
+                  "temperature": "temperature", "pixel_temperature": "pixel_temperature",
+                  "image_format": "image_format", "batch_size": "batch_size", "workers": "workers",
                   "gpu": "use_gpu", "overwrite": "overwrite", "filter_classifier": "filter_classifier",
                   "filter_confidence": "filter_confidence"}
 

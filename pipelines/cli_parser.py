@@ -48,7 +48,7 @@ def field_defaults(config_class: type) -> dict[str, Any]:
 
 def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> argparse.ArgumentParser:
     """Every subcommand and flag; `commands` maps a subcommand to the function it runs (pipelines.cli)."""
-    from pipelines.batch.generate_config import GenerateConfig
+    from pipelines.batch.generate_config import IMAGE_FORMATS, GenerateConfig
     from pipelines.evaluation.config import EvaluateConfig
     from pipelines.training.search_config import SearchSection
 
@@ -186,6 +186,11 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
                           help="write the mean of p(x|z)^(1/T): below 1 sharpens a Bernoulli decoder's grey blur "
                                "into strokes; 1 = the plain decoder mean; Gaussian likelihoods are unchanged "
                                f"(default {g['pixel_temperature']})")
+    generate.add_argument("--image-format", choices=IMAGE_FORMATS,
+                          help="images besides the Parquet rows (which always hold the PNG bytes): png = one file "
+                               "per sample in images/CLASS/ID.png; shards = one WebDataset tar per block in "
+                               "images/shard-NNNNNN.tar (millions of samples, object stores); none = Parquet only "
+                               f"(default {g['image_format']})")
     generate.add_argument("--batch-size", type=int, help=f"samples decoded at once (default {g['batch_size']})")
     generate.add_argument("--workers", type=int, help=f"Ray Data actors (default {g['workers']})")
     generate.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="one GPU per actor")

@@ -1,6 +1,7 @@
 """`vaepipe generate`: a saved model -> synthetic augmentation data, as hive-partitioned Parquet
-(`parquet/label=K/block-NNNNNN.parquet`: PNG bytes, latent z, provenance) plus one PNG file per
-sample (`images/<class>/<id>.png`), on the shared Ray Data skeleton (pipelines/batch/job.py).
+(`parquet/label=K/block-NNNNNN.parquet`: PNG bytes, latent z, provenance) plus the images as one PNG
+file per sample (`images/<class>/<id>.png`), one WebDataset tar per block (`images/shard-NNNNNN.tar`)
+or not at all (`image_format`), on the shared Ray Data skeleton (pipelines/batch/job.py).
 The request is cut into seeded blocks, so the same request gives byte-identical files and an
 interrupted run resumes where it stopped. Not here: resolving registry URIs to a model folder.
 """
@@ -87,6 +88,8 @@ def generation_request(config: GenerateConfig, model: ModelInfo, sample_filter: 
     }
     if config.pixel_temperature != 1.0:  # only when set: plain-mean requests are what they always were
         request["pixel_temperature"] = config.pixel_temperature
+    if config.image_format != "png":  # likewise: PNG-file requests are what they always were
+        request["image_format"] = config.image_format
     if sample_filter is not None:
         request["filter"] = {"classifier_sha256": sample_filter.sha256, "confidence": sample_filter.confidence}
     return request
@@ -127,11 +130,13 @@ class GenerateBlock:
 
     def __init__(self, model_dir: str, use_gpu: bool, batch_size: int, temperature: float, seed: int,
                  provenance: dict[str, str], class_names: list[str] | None, filter_classifier: str | None = None,
-                 filter_confidence: float | None = None, pixel_temperature: float = 1.0):
+                 filter_confidence: float | None = None, pixel_temperature: float = 1.0,
+                 image_format: str = "png"):
         self.model = load_worker_model(model_dir, use_gpu)
         self.batch_size = batch_size
         self.temperature = temperature
         self.pixel_temperature = pixel_temperature
+        self.image_format = image_format
         self.seed = seed
         self.provenance = provenance
         self.class_names = class_names
@@ -161,11 +166,14 @@ class GenerateBlock:
         ids = [f"{self.seed}-{s:08d}" for s in sample_index]
 
         counts = {}
+        all_pngs: list[bytes | None] = [None] * n
         for label in np.unique(label_of).tolist():
             rows = np.flatnonzero(label_of == label)
             pngs = [encode_png(pixels[r]) for r in rows]
             for r, png in zip(rows, pngs):
-                writer.write_bytes(f"images/{label_folder(label, self.class_names)}/{ids[r]}.png", png)
+                all_pngs[r] = png
+                if self.image_format == "png":
+                    writer.write_bytes(f"images/{label_folder(label, self.class_names)}/{ids[r]}.png", png)
             latent = pa.FixedSizeListArray.from_arrays(latents[rows].reshape(-1), latents.shape[1]).cast(
                 SCHEMA.field("latent").type)
             table = pa.table({
@@ -183,7 +191,26 @@ class GenerateBlock:
             writer.write_parquet(f"parquet/label={label}/block-{block['index']:06d}.parquet", table,
                                  **PARQUET_OPTIONS)
             counts[str(label)] = len(rows)
+        if self.image_format == "shards":
+            writer.write_bytes(f"images/shard-{block['index']:06d}.tar",
+                               self.shard(ids, all_pngs, label_of, sample_index), rows=n)
         return counts
+
+    def shard(self, ids: list[str], pngs: list[bytes], labels: np.ndarray, sample_index: np.ndarray) -> bytes:
+        """The block as one WebDataset tar, samples in sample order: ID.png, ID.cls (the label; -1 for an
+        unconditional model) and ID.json (id, class_name, sample_index). mtime=0: same block, same bytes."""
+        import io
+
+        import webdataset as wds
+
+        buffer = io.BytesIO()
+        with wds.TarWriter(buffer, mtime=0) as sink:
+            for i, key in enumerate(ids):
+                label = int(labels[i])
+                class_name = self.class_names[label] if self.class_names and label != UNLABELLED else None
+                sink.write({"__key__": key, "png": pngs[i], "cls": label,
+                            "json": {"id": key, "class_name": class_name, "sample_index": int(sample_index[i])}})
+        return buffer.getvalue()
 
     def sample(self, n: int, labels: Any, generator: Any) -> tuple[Any, np.ndarray]:
         """n samples (labels: n class ids, or None) -> (z, uint8 pixels (N, H, W, C)), `batch_size` at a time."""
@@ -221,7 +248,7 @@ def run_generation(config: GenerateConfig) -> dict[str, Any]:
         block_fn_kwargs={
             "model_dir": str(Path(config.model_dir).resolve()), "use_gpu": config.use_gpu,
             "batch_size": config.batch_size, "temperature": config.temperature, "seed": config.seed,
-            "pixel_temperature": config.pixel_temperature,
+            "pixel_temperature": config.pixel_temperature, "image_format": config.image_format,
             "provenance": request["model"],
             "class_names": list(config.class_names) if config.class_names is not None else None,
             **({"filter_classifier": sample_filter.classifier, "filter_confidence": sample_filter.confidence}
@@ -232,7 +259,8 @@ def run_generation(config: GenerateConfig) -> dict[str, Any]:
         use_gpu=config.use_gpu,
         metadata={"model_family": model.name, "image_shape": list(model.input_shape),
                   "num_classes": model.num_classes, "latent_dim": model.latent_dim,
-                  "columns": [f.name for f in SCHEMA], "partitioning": "hive: label"},
+                  "columns": [f.name for f in SCHEMA], "partitioning": "hive: label",
+                  "image_format": config.image_format},
         overwrite=config.overwrite,
         summarize=functools.partial(summarize, sample_filter) if sample_filter is not None else None,
     )
@@ -243,7 +271,8 @@ def run_generation(config: GenerateConfig) -> dict[str, Any]:
         "total": manifest["total"],
         "per_class": manifest["counts"],
         "parquet": str(out / "parquet"),
-        "images": str(out / "images"),
+        "images": str(out / "images") if config.image_format != "none" else None,
+        "image_format": config.image_format,
         "manifest": str(out / "manifest.json"),
         "skipped": result.skipped,
         "blocks_written": result.blocks_written,

@@ -15,6 +15,11 @@ from pipelines.config import config_error, from_dict
 # reference CNN 0.69 at T = 1, 0.91 at 0.5, 0.93 at 0.25; issue 12). Gaussian likelihoods are unchanged by it.
 DEFAULT_PIXEL_TEMPERATURE = 0.25
 
+# where the images go besides the Parquet rows (which always hold the PNG bytes): "png" = one file per sample
+# under images/<class>/ (what torchvision's ImageFolder reads); "shards" = one WebDataset tar per block under
+# images/ (what object stores and streaming readers handle best at millions of samples); "none" = Parquet only
+IMAGE_FORMATS = ("png", "shards", "none")
+
 
 @dataclass(frozen=True)
 class GenerateConfig:
@@ -28,6 +33,7 @@ class GenerateConfig:
     seed: int = 0  # fixes labels and noise: same request -> byte-identical files
     temperature: float = 1.0  # prior noise scale: z ~ N(0, T^2 I); below 1 trades variety for typicality
     pixel_temperature: float = DEFAULT_PIXEL_TEMPERATURE  # images = mean of p(x|z)^(1/T); 1 = plain decoder mean
+    image_format: str = "png"  # images besides the Parquet rows: png (a file per sample) | shards (tar per block) | none
     batch_size: int = 256  # samples decoded at once on a worker
     block_size: int = 1000  # samples per seeded block (the unit of work, resume and files)
     workers: int = 2  # Ray Data actor pool size (one model copy each)
@@ -53,6 +59,8 @@ class GenerateConfig:
              f"temperature must be > 0, got {self.temperature}"),
             (math.isfinite(self.pixel_temperature) and self.pixel_temperature > 0,
              f"pixel_temperature must be > 0, got {self.pixel_temperature}"),
+            (self.image_format in IMAGE_FORMATS,
+             f"image_format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}"),
             (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),

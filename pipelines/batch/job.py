@@ -27,6 +27,9 @@ MANIFEST_NAME = "manifest.json"
 SUCCESS_NAME = "_SUCCESS"
 REQUEST_NAME = "_request.json"  # written before any block: a rerun can tell its own unfinished run from another's
 MARKERS_DIR = "_blocks"
+# the manifest lists every file only up to this many; past it (a million PNG files would make a ~150 MB
+# manifest written in one piece) it keeps one digest per block and the files stay listed in the markers
+MANIFEST_FILES_LIMIT = 10_000
 LOCK_NAME = ".vaepipe.lock"  # held (flock) by the run writing into the folder; empty, hidden from readers
 TMP_SUFFIX = ".tmp"  # temporaries are ".NAME.tmp": hidden from pyarrow/Ray readers, swept on the next run
 # block_fn_kwargs naming folders the actors need (a few MB each): shipped through Ray's object store, so an
@@ -239,7 +242,7 @@ def _run_locked(job: BatchJob) -> BatchResult:
     manifest = _manifest(job, request)
     write_atomic(out / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
     write_atomic(out / SUCCESS_NAME, b"")  # last: its presence means the manifest and every file are complete
-    _log(job, f"done: {manifest['total']} rows in {len(manifest['files'])} files under {out}")
+    _log(job, f"done: {manifest['total']} rows in {manifest['num_files']} files under {out}")
     return BatchResult(manifest, skipped=False, blocks_written=len(todo))
 
 
@@ -303,7 +306,7 @@ def _block_done(out: Path, block: dict[str, Any]) -> bool:
     for entry in marker["files"]:
         path = out / entry["path"]
         if not path.is_file() or path.stat().st_size != entry["bytes"] \
-                or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+                or _file_sha256(path) != entry["sha256"]:
             return False
     return True
 
@@ -359,9 +362,14 @@ def _run_blocks(job: BatchJob, todo: list[dict[str, Any]]) -> None:
 
 
 def _manifest(job: BatchJob, request: dict[str, Any]) -> dict[str, Any]:
+    """Counts, tallies and one digest per block (O(blocks) in size); every file too while there are
+    at most MANIFEST_FILES_LIMIT of them. Markers are read one at a time, so driver memory does not
+    grow with the sample count past the limit."""
     counts: dict[str, int] = {}
     tallies: dict[str, dict[str, int]] = {}
-    files: list[dict[str, Any]] = []
+    files: list[dict[str, Any]] | None = []
+    digests: list[dict[str, Any]] = []
+    num_files = num_bytes = 0
     for block in job.blocks:
         marker = _read_json(marker_path(job.out, block["index"]))
         for key, n in marker["counts"].items():
@@ -370,8 +378,14 @@ def _manifest(job: BatchJob, request: dict[str, Any]) -> dict[str, Any]:
             summed = tallies.setdefault(name, {})
             for key, n in per_key.items():
                 summed[key] = summed.get(key, 0) + n
-        files.extend(marker["files"])
-    return {
+        digests.append(block_digest(block["index"], marker["files"]))
+        num_files += len(marker["files"])
+        num_bytes += digests[-1]["bytes"]
+        if files is not None:
+            files.extend(marker["files"])
+            if len(files) > MANIFEST_FILES_LIMIT:
+                files = None
+    manifest = {
         "format_version": FORMAT_VERSION,
         "job": job.name,
         "request": request,
@@ -380,8 +394,23 @@ def _manifest(job: BatchJob, request: dict[str, Any]) -> dict[str, Any]:
         "blocks": len(job.blocks),
         "total": sum(counts.values()),
         "counts": dict(sorted(counts.items(), key=lambda kv: _natural(kv[0]))),
-        "files": sorted(files, key=lambda f: f["path"]),
+        "num_files": num_files,
+        "num_bytes": num_bytes,
+        "block_digests": digests,
     }
+    if files is not None:
+        manifest["files"] = sorted(files, key=lambda f: f["path"])
+    else:
+        manifest["files_listed_in"] = f"{MARKERS_DIR}/block-NNNNNN.json"
+    return manifest
+
+
+def block_digest(index: int, files: list[dict[str, Any]]) -> dict[str, Any]:
+    """One block's entry in the manifest: its rows, file count, bytes and the sha256 of its file
+    list (paths, sizes and file sha256s, as its marker holds them), so the manifest pins every file."""
+    listing = json.dumps(sorted(files, key=lambda f: f["path"]), sort_keys=True).encode()
+    return {"index": index, "rows": sum(f["rows"] for f in files), "files": len(files),
+            "bytes": sum(f["bytes"] for f in files), "sha256": hashlib.sha256(listing).hexdigest()}
 
 
 def _natural(key: str) -> tuple:
@@ -403,14 +432,38 @@ def _log(job: BatchJob, message: str) -> None:
 
 
 def verify_files(out: str | Path) -> list[str]:
-    """Check every file the manifest lists against its sha256; returns the paths that fail."""
+    """Check every file the output holds against its sha256; returns the paths that fail. The
+    files come from the manifest's list or, past MANIFEST_FILES_LIMIT, from the block markers, each
+    checked first against its block digest in the manifest (a marker that does not match fails as
+    its own path)."""
     out = Path(out)
     manifest = _read_json(out / MANIFEST_NAME)
     if manifest is None:
         raise FileNotFoundError(f"no {MANIFEST_NAME} in {out}")
     bad = []
-    for entry in manifest["files"]:
+    for entry in _listed_files(out, manifest, bad):
         path = out / entry["path"]
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+        if not path.is_file() or _file_sha256(path) != entry["sha256"]:
             bad.append(entry["path"])
     return bad
+
+
+def _listed_files(out: Path, manifest: dict[str, Any], bad: list[str]) -> Iterator[dict[str, Any]]:
+    if "files" in manifest:
+        yield from manifest["files"]
+        return
+    for digest in manifest["block_digests"]:
+        path = marker_path(out, digest["index"])
+        marker = _read_json(path)
+        if marker is None or block_digest(digest["index"], marker["files"]) != digest:
+            bad.append(str(path.relative_to(out)))
+            continue
+        yield from marker["files"]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
