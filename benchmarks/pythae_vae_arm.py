@@ -1,6 +1,7 @@
 """The pythae arm of benchmarks/vae_vs_pythae.py. Runs inside a throwaway virtualenv that has
 pythae (and no vaepipe): trains pythae's VAE on the given arrays and prints one JSON line with
-its held-out NLL (pythae's own `get_nll`, an IWAE estimate) and the training wall time.
+its held-out NLL (pythae's own `get_nll`, an IWAE estimate) and the training wall time. With
+`--k 0` it skips the NLL: benchmarks/fast_path.py times this whole process as pythae's side.
 """
 import argparse
 import json
@@ -29,6 +30,9 @@ trainer_config = BaseTrainerConfig(
 started = time.perf_counter()
 TrainingPipeline(training_config=trainer_config, model=model)(train_data=x_train, eval_data=x_val)
 train_s = time.perf_counter() - started
+if args.k == 0:
+    print(json.dumps({"train_s": train_s}))
+    raise SystemExit(0)
 model.eval()
 torch.manual_seed(args.seed)
 log_p = model.get_nll(torch.from_numpy(x_val), n_samples=args.k, batch_size=min(args.k, 500))

@@ -122,3 +122,53 @@ def test_undecodable_image_is_skipped(tmp_path, capsys):
     assert len(set(got)) == 99
     assert "1 of 100 samples unreadable" in capsys.readouterr().err
     assert manifest["splits"]["train"]["num_samples"] == 100
+
+
+def test_decoded_shards_are_cached_across_epochs_with_the_same_samples(digits_shards, tmp_path, monkeypatch):
+    """The second epoch reads no tar yet yields exactly what decoding would have, in the same order."""
+    from pipelines.data import reader
+
+    data = copy_dataset(digits_shards, tmp_path / "d")  # its own URLs: nothing cached for them yet
+    opened = []
+    real = reader.read_raw_samples
+    monkeypatch.setattr(reader, "read_raw_samples", lambda url, errors: (opened.append(url), real(url, errors))[1])
+
+    def epoch(e, **kw):
+        loader = make_loader(str(data), "train", ReaderConfig(batch_size=20, **kw), epoch=e)
+        return [(b["index"].tolist(), b["image"].sum().item()) for b in loader]
+
+    uncached = [epoch(e, cache_bytes=0) for e in (0, 1)]
+    assert len(opened) == 8  # 4 shards, twice
+    opened.clear()
+    cached = [epoch(e) for e in (0, 1, 1)]
+    assert len(opened) == 4  # only the first epoch opened the shards
+    assert cached == [uncached[0], uncached[1], uncached[1]]
+
+
+def test_a_shard_read_with_errors_is_not_cached(tmp_path, capsys):
+    from pipelines.data import reader
+
+    out = tmp_path / "d"
+    build_dataset(BuildConfig("digits", str(out), shard_size=100, val_fraction=0.0, limit=100))
+    shard = out / "train" / "shard-000000.tar"
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+    with wds.TarWriter(str(shard)) as sink:
+        for i, s in enumerate(samples):
+            if i == 5:
+                s["png"] = b"not a png"
+            sink.write({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"})
+    for _ in range(2):  # warned on every pass: the broken shard is read again, never served from memory
+        stream = ShardStream(str(out), "train", shuffle_buffer=0, cache_bytes=1 << 30)
+        assert len(list(stream)) == 100
+        assert "1 of 100 samples unreadable" in capsys.readouterr().err
+    assert not [key for key in reader._CACHE.entries if key[0] == str(shard)]
+
+
+def test_cache_keeps_to_its_byte_budget(digits_shards, tmp_path):
+    from pipelines.data import reader
+
+    data = copy_dataset(digits_shards, tmp_path / "d")
+    one_shard = 400 * (8 * 8 * 4 + 8 + 8)  # image float32 + label + index int64
+    stream = ShardStream(str(data), "train", shuffle_buffer=0, cache_bytes=reader._CACHE.nbytes + 2 * one_shard)
+    assert len(list(stream)) == 1600
+    assert len([key for key in reader._CACHE.entries if key[0].startswith(str(data))]) == 2
