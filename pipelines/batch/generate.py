@@ -105,6 +105,8 @@ def generation_request(config: GenerateConfig, model: ModelInfo, sample_filter: 
     anywhere; its sha256 identifies it), workers and overwrite. batch_size and use_gpu are in it
     because float rounding can differ with the batch shape and the device. A filter is in it by its
     classifier's sha256 and confidence (only when set: unfiltered requests are what they always were)."""
+    if config.seed is None:
+        config, _ = resolve_schedule(config)
     request = {
         "model": model_request(config, model),
         "num_samples": config.num_samples,
@@ -126,6 +128,8 @@ def generation_request(config: GenerateConfig, model: ModelInfo, sample_filter: 
 def plan_blocks(config: GenerateConfig, num_classes: int | None) -> list[dict[str, Any]]:
     """The request as blocks: block i holds samples start..start+count-1, their labels (None for an
     unconditional model) and its seed. per_class goes class by class, so most files hold one class."""
+    if config.seed is None:  # never SeedSequence(None), which is fresh OS entropy: the seed the run would use
+        config, _ = resolve_schedule(config)
     if config.per_class is not None:
         total = config.per_class * num_classes
         labels = np.repeat(np.arange(num_classes), config.per_class)
