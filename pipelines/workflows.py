@@ -103,7 +103,7 @@ def generate_with_lineage(config: GenerateConfig, tracking_uri: str | None = Non
         _log("no lineage run: " + ("track is off" if not config.track else
                                     "no tracking URI (--tracking-uri or MLFLOW_TRACKING_URI)"))
     finished = finished_manifest(plan.job)
-    run = None
+    run, writing = None, False  # writing: this call opened the run to record a (resumed) generation
     if finished is not None:
         result = run_plan(plan)  # a no-op that answers the finished manifest's result
         if tracking_uri is not None:
@@ -115,7 +115,7 @@ def generate_with_lineage(config: GenerateConfig, tracking_uri: str | None = Non
     elif tracking_uri is not None:
         from pipelines.registry.lineage import GenerationRun
 
-        run = GenerationRun.open(tracking_uri, plan)
+        run, writing = GenerationRun.open(tracking_uri, plan), True
         started = time.perf_counter()
         try:
             result = run_plan(plan, run.manifest_entry())
@@ -130,7 +130,7 @@ def generate_with_lineage(config: GenerateConfig, tracking_uri: str | None = Non
             raise
         if result["skipped"]:  # another process finished it between our look and our lock
             run.discard()
-            run = reopen(tracking_uri, json.loads(Path(result["manifest"]).read_text()))
+            run, writing = reopen(tracking_uri, json.loads(Path(result["manifest"]).read_text())), False
         else:
             run.record_dataset(plan, result, time.perf_counter() - started)
     else:
@@ -144,10 +144,10 @@ def generate_with_lineage(config: GenerateConfig, tracking_uri: str | None = Non
         try:
             result["evaluation"] = evaluate_generated(plan, result, config.evaluate_against, config.evaluation, run)
         except BaseException:
-            if run is not None and run.created:
+            if run is not None:  # the data is complete; a rerun evaluates again into this run
                 run.end("FAILED")
             raise
-    if run is not None and (run.created or config.evaluate_against is not None):
+    if run is not None and (writing or config.evaluate_against is not None):
         run.end("FINISHED")
     return result
 
@@ -199,7 +199,9 @@ def evaluate_generated(plan: GenerationPlan, result: dict[str, Any], against: st
     config = evaluation_config(plan, against, budget, str(out), run)
     record = {"against": read_manifest(against).location, "against_sha256": read_manifest(against).sha256(),
               "generated_manifest_sha256": _sha256(Path(result["manifest"])),
-              "evaluation": {k: v for k, v in config.__dict__.items() if k not in ("tracking_uri", "run_id")},
+              # the model by its digest: a pulled model lives in a new temporary folder each time
+              "model_sha256": plan.model.sha256,
+              "evaluation": {k: v for k, v in config.__dict__.items() if k not in ("model", "tracking_uri", "run_id")},
               "lineage_run_id": run.run_id if run is not None else None}
     record = json.loads(json.dumps(record, default=list))
     done = _read_json(out / EVALUATION_RECORD)

@@ -30,7 +30,8 @@ FAST_EVALUATION = ["--set", "evaluation.iwae_k=4", "--set", "evaluation.iwae_sub
 def run_cli(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
-    return code, (json.loads(out.strip().splitlines()[-1]) if code == 0 and out.strip().startswith("{") else out), err
+    last = out.strip().splitlines()[-1] if out.strip() else ""
+    return code, (json.loads(last) if code == 0 and last.startswith("{") else out), err
 
 
 # Copied from tests/pipelines/registry/test_registry.py (mlflow_server)
@@ -56,7 +57,11 @@ def mlflow_server(tmp_path_factory):
             time.sleep(0.5)
     yield {"uri": uri, "artifacts": root / "artifacts"}
     os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker processes
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # uvicorn waits for idle keep-alive clients: they are only this test's
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
