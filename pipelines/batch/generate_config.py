@@ -100,6 +100,10 @@ class GenerateConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GenerateConfig":
+        import datetime
+
+        if isinstance(data.get("date"), datetime.date):  # YAML reads `date: 2026-03-09` (and --set date=...) as a date
+            data = {**data, "date": data["date"].isoformat()}
         return from_dict(cls, data)
 
     def to_dict(self) -> dict[str, Any]:

@@ -365,3 +365,11 @@ def test_two_days_make_disjoint_samples_and_a_rerun_of_a_day_makes_none(ray_sess
     shutil.rmtree(first["out"])
     redone = run_generation(request(cvae_dir, out, per_class=20, block_size=100, date="2026-03-09", workers=1))
     assert not redone["skipped"] and files_under(redone["out"]) == files["2026-03-09"]
+
+
+def test_a_yaml_date_is_a_day(cvae_dir, tmp_path):
+    """YAML (a config file, --set date=2026-03-09) reads an ISO day as a date object: it is the same day."""
+    from pipelines.config import apply_overrides
+
+    data = apply_overrides({"model_dir": cvae_dir, "out": str(tmp_path / "{date}"), "per_class": 1}, ["date=2026-03-09"])
+    assert GenerateConfig.from_dict(data).date == "2026-03-09"
