@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipelines.batch.generate import GenerateConfig, GenerationPlan, plan_generation, run_generation, run_plan
+from pipelines.batch.generate import GenerateConfig, GenerationPlan, plan_generation, run_plan
 from pipelines.batch.job import OutputExistsError, finished_manifest
 from pipelines.registry.tracking import set_run_tag, tracking_uri_or_env
 from pipelines.registry.versions import RegisterRequest, pull, register_run
