@@ -199,6 +199,7 @@ def reopen(tracking_uri: str, manifest: dict[str, Any]) -> GenerationRun | None:
     lineage = manifest.get("lineage") or {}
     if not lineage.get("run_id"):
         return None
+    check_reachable(tracking_uri)
     client = connect(tracking_uri)
     from mlflow.exceptions import MlflowException
 
