@@ -132,7 +132,11 @@ def generate_with_lineage(config: GenerateConfig, tracking_uri: str | None = Non
             run.discard()
             run, writing = reopen(tracking_uri, json.loads(Path(result["manifest"]).read_text())), False
         else:
-            run.record_dataset(plan, result, time.perf_counter() - started)
+            try:
+                run.record_dataset(plan, result, time.perf_counter() - started)
+            except BaseException:  # the data is complete, its record is not: `vaepipe datasets` shows FAILED
+                run.end("FAILED")
+                raise
     else:
         result = run_plan(plan)
     if not result["skipped"]:
