@@ -331,3 +331,25 @@ def test_without_a_tracking_uri_or_with_no_track_nothing_is_logged(ray_session, 
     manifest = json.loads((tmp_path / "tracked" / "manifest.json").read_text())
     assert manifest["lineage"] == {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                                    "tracking_uri": store}
+
+
+def test_a_generation_refused_before_writing_leaves_no_run(cvae_folder, tmp_path, capsys):
+    """Another run holds the folder: the refusal is one line, and the lineage run opened for it is deleted."""
+    import fcntl
+
+    import mlflow
+
+    from pipelines.batch.job import LOCK_NAME
+
+    store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / LOCK_NAME, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = run_cli(capsys, "generate", "--model", cvae_folder, "--out", out, "--per-class", 3,
+                               "--tracking-uri", store)
+    assert code == 2 and "is in use by another generate run" in err
+    client = mlflow.MlflowClient(store)
+    experiment = client.get_experiment_by_name("vaepipe-generation")
+    assert client.search_runs([experiment.experiment_id]) == []
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
