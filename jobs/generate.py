@@ -3,7 +3,9 @@
 with `{date}`). The config is configs/generate.yaml's shape; `model_uri: models:/NAME@ALIAS`
 with `tracking_uri` pulls the registered model first (a `model_dir` is used as given).
 `filter_classifier` (a saved reference classifier folder the driver can read; it is shipped to the
-actors) with `filter_confidence` keeps only samples the classifier assigns to their label."""
+actors) with `filter_confidence` keeps only samples the classifier assigns to their label. With a
+tracking URI the run is recorded in MLflow (pipelines/registry/lineage.py); `seed: null` with a `{date}`
+out derives each day's seed from the date; `evaluate_against` evaluates the data written."""
 import sys
 
 from jobs._entry import run_job

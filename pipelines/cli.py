@@ -229,7 +229,8 @@ GENERATE_FLAGS = {"out": "out", "num_samples": "num_samples", "per_class": "per_
                   "temperature": "temperature", "pixel_temperature": "pixel_temperature",
                   "image_format": "image_format", "batch_size": "batch_size", "workers": "workers",
                   "gpu": "use_gpu", "overwrite": "overwrite", "filter_classifier": "filter_classifier",
-                  "filter_confidence": "filter_confidence"}
+                  "filter_confidence": "filter_confidence", "date": "date", "experiment": "experiment",
+                  "track": "track", "evaluate_against": "evaluate_against"}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -247,6 +248,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         data.pop("num_samples", None)
     data = apply_overrides(data, args.assignments)
     emit(pull_and_generate(data, args.model, args.tracking_uri))
+    return 0
+
+
+# -- vaepipe datasets -----------------------------------------------------------------------------
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from pipelines.registry.datasets_view import format_table, list_datasets
+    from pipelines.registry.tracking import tracking_uri_or_env
+
+    tracking_uri = tracking_uri_or_env(args.tracking_uri)
+    if not tracking_uri:
+        raise ValueError("datasets needs --tracking-uri (or MLFLOW_TRACKING_URI)")
+    rows = list_datasets(tracking_uri, args.model)
+    if args.json:
+        emit({"tracking_uri": tracking_uri, "model": args.model, "datasets": rows})
+    else:
+        print(format_table(rows))
     return 0
 
 

@@ -171,7 +171,7 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
                     "OUT/manifest.json (sha256 per file) and OUT/_SUCCESS. The same request gives the same "
                     "bytes; rerunning a finished request does nothing; an interrupted one resumes. Prints "
                     "one JSON line: out, total, per_class, parquet, images, manifest, skipped, blocks_written, "
-                    "acceptance_rate.",
+                    "acceptance_rate, seed, date, lineage_run_id, tracking_uri, experiment, evaluation.",
     )
     generate.add_argument("--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a saved model folder")
     generate.add_argument("--tracking-uri", help="MLflow tracking URI (needed for models:/ URIs)")
@@ -180,7 +180,11 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     count.add_argument("--num-samples", type=int, help="total samples (conditional models: uniform labels)")
     count.add_argument("--per-class", type=int, help="samples per class (conditional models)")
     g = field_defaults(GenerateConfig)  # shown in the help; the config applies them (flags left None)
-    generate.add_argument("--seed", type=int, help=f"seed for labels and noise (default {g['seed']})")
+    generate.add_argument("--seed", type=int,
+                          help="seed for labels and noise (default: derived from the date when --out holds "
+                               "{date}, a new one each day and the same on a rerun; else 0)")
+    generate.add_argument("--date", metavar="YYYY-MM-DD",
+                          help="the day {date} in --out stands for, and its seed (default today): backfills a day")
     generate.add_argument("--temperature", type=float, help=f"prior noise scale (default {g['temperature']})")
     generate.add_argument("--pixel-temperature", type=finite_float, metavar="T",
                           help="write the mean of p(x|z)^(1/T): below 1 sharpens a Bernoulli decoder's grey blur "
@@ -201,10 +205,29 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
                                "OUT/reference_classifier/) assigns to their label; needs --filter-confidence")
     generate.add_argument("--filter-confidence", type=finite_float, metavar="P",
                           help="the classifier probability, in (0, 1), a kept sample's label must reach")
+    generate.add_argument("--experiment",
+                          help=f"MLflow experiment of the lineage run (default {g['experiment']})")
+    generate.add_argument("--track", action=argparse.BooleanOptionalAction, default=None,
+                          help="record the generation as an MLflow run when a tracking URI is known (--tracking-uri "
+                               "or MLFLOW_TRACKING_URI; default on); --no-track logs nothing")
+    generate.add_argument("--evaluate-against", metavar="DATA",
+                          help="the real dataset (manifest.json or its folder): evaluate the data just written "
+                               "against it into OUT/evaluation/ and log the metrics to the lineage run; budgets "
+                               "with --set evaluation.KEY=VALUE (vaepipe evaluate's keys, e.g. classifier_steps)")
     generate.add_argument("--config", help="YAML config (configs/generate.yaml); flags and --set override it")
     generate.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                           help="override any config key, e.g. --set block_size=500 (repeatable)")
     generate.set_defaults(func=commands["generate"])
+
+    datasets = sub.add_parser(
+        "datasets", help="list generated datasets from their MLflow lineage runs",
+        description="List the datasets `vaepipe generate` recorded in MLflow (every generation experiment): date, "
+                    "model version, rows, location and the headline usefulness metric of its evaluation "
+                    "(flagged when unreliable), newest first. A table, or one JSON line with --json.")
+    datasets.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
+    datasets.add_argument("--model", metavar="NAME", help="only datasets of this registered model")
+    datasets.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    datasets.set_defaults(func=commands["datasets"])
 
     evaluate = sub.add_parser(
         "evaluate", help="score a model and its synthetic data: likelihood, FID/PRDC, TSTR, augmentation, anomaly",

@@ -18,10 +18,10 @@ from typing import Any
 from pipelines.data import BuildConfig, build_dataset, read_manifest
 from pipelines.evaluation.config import EvaluateConfig
 from pipelines.evaluation.evaluate import run_evaluation
-from pipelines.batch.generate import GenerateConfig, run_generation
+from pipelines.batch.generate import GenerateConfig
 from pipelines.registry.versions import pull
 from pipelines.training.search_config import TuneConfig
-from pipelines.workflows import search_and_register
+from pipelines.workflows import generate_with_lineage, search_and_register
 
 # Why MNIST digits and not the built-in shapes: on shapes (64x64, three classes that differ only in
 # a few edge pixels) a conditional VAE needs far more than the demo's CPU budget before its rows
@@ -78,11 +78,11 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     _, pulled = pull(uri, tracking_uri, workdir / "models" / "champion")
 
     print(f"[demo] 4/5 generating {config.per_class} samples per digit from {uri}", file=sys.stderr)
-    generated = run_generation(GenerateConfig(
+    generated = generate_with_lineage(GenerateConfig(
         model_dir=pulled["path"], out=str(workdir / "synthetic"), per_class=config.per_class, seed=config.seed,
         model_uri=uri, model_name=MODEL_NAME, model_version=str(pulled["version"]),
         class_names=tuple(manifest.class_names), overwrite=True,
-    ))
+    ), tracking_uri)  # a lineage run: `vaepipe datasets --tracking-uri` lists the demo's dataset
     print("[demo] 5/5 evaluating the champion and its synthetic data", file=sys.stderr)
     evaluation = run_evaluation(EvaluateConfig(
         model=pulled["path"], data=str(shards), out=str(workdir / "report"), synthetic=generated["out"],
@@ -100,6 +100,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
                        "aliases": registered["aliases"]},
         "synthetic": generated["out"],
         "synthetic_total": generated["total"],
+        "generation_run_id": generated["lineage_run_id"],
         "report": evaluation["report"],
         "metrics": evaluation["metrics"],
         "mlflow_ui": f"mlflow ui --backend-store-uri {tracking_uri}",

@@ -10,13 +10,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines.batch.job import BatchJob, BlockWriter, block_seed, run_batch_job
+from pipelines.batch.job import BatchJob, BatchResult, BlockWriter, block_seed, run_batch_job
 from pipelines.batch.model import (UNLABELLED, ModelInfo, label_folder, load_saved_model, load_worker_model,
                                    model_class_names, model_request, to_uint8)
 from pipelines.batch.generate_config import GenerateConfig
@@ -40,8 +42,37 @@ SCHEMA = pa.schema([
 PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": ["block_seed", "sample_index", "id"]}
 
 
+DATE_PLACEHOLDER = "{date}"
+SEED_BITS = 31  # date-derived seeds fit any int32 / numpy seed consumer
+
+
 def resolve_out(out: str, today: datetime.date | None = None) -> Path:
-    return Path(out.replace("{date}", (today or datetime.date.today()).isoformat()))
+    return Path(out.replace(DATE_PLACEHOLDER, (today or datetime.date.today()).isoformat()))
+
+
+def date_seed(config: GenerateConfig, day: str) -> int:
+    """The seed of a scheduled run without an explicit seed: sha256 of the JSON of the day and the request's
+    identifying fields (model uri, counts, the out template), first 4 bytes big-endian, reduced to 31 bits.
+    Another day gives other samples; the same day (a rerun, a resume) gives the same request again."""
+    identity = {"date": day, "model_uri": config.model_uri or str(Path(config.model_dir).resolve()),
+                "num_samples": config.num_samples, "per_class": config.per_class, "out": config.out}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & ((1 << SEED_BITS) - 1)
+
+
+def resolve_schedule(config: GenerateConfig, today: datetime.date | None = None
+                     ) -> tuple[GenerateConfig, dict[str, Any]]:
+    """(config with `{date}` replaced and the seed set, what the manifest records about it). The seed is the
+    given one, else date_seed when out holds {date}, else 0 (what unscheduled requests always used)."""
+    if DATE_PLACEHOLDER not in config.out:
+        source = "given" if config.seed is not None else "default"
+        seed = config.seed if config.seed is not None else 0
+        return dataclasses.replace(config, seed=seed), {"date": None, "seed": seed, "seed_source": source}
+    day = config.date or (today or datetime.date.today()).isoformat()
+    source = "given" if config.seed is not None else "date"
+    seed = config.seed if config.seed is not None else date_seed(config, day)
+    resolved = dataclasses.replace(config, out=config.out.replace(DATE_PLACEHOLDER, day), seed=seed, date=None)
+    return resolved, {"date": day, "seed": seed, "seed_source": source}
 
 
 def check_request_fits(config: GenerateConfig, model, folder: str) -> None:
@@ -75,6 +106,8 @@ def generation_request(config: GenerateConfig, model: ModelInfo, sample_filter: 
     anywhere; its sha256 identifies it), workers and overwrite. batch_size and use_gpu are in it
     because float rounding can differ with the batch shape and the device. A filter is in it by its
     classifier's sha256 and confidence (only when set: unfiltered requests are what they always were)."""
+    if config.seed is None:
+        config, _ = resolve_schedule(config)
     request = {
         "model": model_request(config, model),
         "num_samples": config.num_samples,
@@ -98,6 +131,8 @@ def generation_request(config: GenerateConfig, model: ModelInfo, sample_filter: 
 def plan_blocks(config: GenerateConfig, num_classes: int | None) -> list[dict[str, Any]]:
     """The request as blocks: block i holds samples start..start+count-1, their labels (None for an
     unconditional model) and its seed. per_class goes class by class, so most files hold one class."""
+    if config.seed is None:  # never SeedSequence(None), which is fresh OS entropy: the seed the run would use
+        config, _ = resolve_schedule(config)
     if config.per_class is not None:
         total = config.per_class * num_classes
         labels = np.repeat(np.arange(num_classes), config.per_class)
@@ -228,8 +263,20 @@ class GenerateBlock:
         return torch.cat(latents), np.concatenate(pixels)
 
 
-def run_generation(config: GenerateConfig) -> dict[str, Any]:
-    """Generate per `config` into `out` (resuming an interrupted run); returns where things are."""
+@dataclasses.dataclass(frozen=True)
+class GenerationPlan:
+    """A checked request, before anything is written: the resolved config (out without {date}, the seed
+    set, class names from the model), the model it samples and the batch job that writes it."""
+
+    config: GenerateConfig
+    model: ModelInfo
+    schedule: dict[str, Any]  # {"date", "seed", "seed_source": given | date | default}, kept in the manifest
+    job: BatchJob
+
+
+def plan_generation(config: GenerateConfig, today: datetime.date | None = None) -> GenerationPlan:
+    """Resolve and check `config` against its model; ConfigError names any problem. Writes nothing."""
+    config, schedule = resolve_schedule(config, today)
     loaded, model = load_saved_model(config.model_dir)
     config = with_model_class_names(config, model)
     check_request_fits(config, loaded, config.model_dir)
@@ -237,7 +284,7 @@ def run_generation(config: GenerateConfig) -> dict[str, Any]:
     if config.filter_classifier is not None:
         sample_filter = inspect_filter(config.filter_classifier, config.filter_confidence, model.name,
                                        model.input_shape, model.num_classes, model_class_names(config.model_dir))
-    out = resolve_out(config.out).resolve()
+    out = Path(config.out).resolve()
     request = generation_request(config, model, sample_filter)
     job = BatchJob(
         name="generate",
@@ -260,23 +307,42 @@ def run_generation(config: GenerateConfig) -> dict[str, Any]:
         metadata={"model_family": model.name, "image_shape": list(model.input_shape),
                   "num_classes": model.num_classes, "latent_dim": model.latent_dim,
                   "columns": [f.name for f in SCHEMA], "partitioning": "hive: label",
-                  "image_format": config.image_format},
+                  "image_format": config.image_format, "schedule": schedule},
         overwrite=config.overwrite,
         summarize=functools.partial(summarize, sample_filter) if sample_filter is not None else None,
     )
-    result = run_batch_job(job)
-    manifest = result.manifest
+    return GenerationPlan(config, model, schedule, job)
+
+
+def run_plan(plan: GenerationPlan, lineage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the plan's data; `lineage` (the MLflow run that records it) goes into the manifest."""
+    job = plan.job if lineage is None else dataclasses.replace(plan.job, metadata={**plan.job.metadata,
+                                                                                    "lineage": lineage})
+    return generation_result(plan, run_batch_job(job))
+
+
+def generation_result(plan: GenerationPlan, result: BatchResult) -> dict[str, Any]:
+    out, manifest = plan.job.out, result.manifest
     return {
         "out": str(out),
         "total": manifest["total"],
         "per_class": manifest["counts"],
         "parquet": str(out / "parquet"),
-        "images": str(out / "images") if config.image_format != "none" else None,
-        "image_format": config.image_format,
+        "images": str(out / "images") if plan.config.image_format != "none" else None,
+        "image_format": plan.config.image_format,
         "manifest": str(out / "manifest.json"),
         "skipped": result.skipped,
         "blocks_written": result.blocks_written,
         # accepted / drawn under --filter-classifier (per class in the manifest); None without a filter
         "acceptance_rate": manifest["filter"]["acceptance_rate"] if "filter" in manifest else None,
+        "seed": manifest["request"]["seed"],
+        "date": (manifest.get("schedule") or {}).get("date"),
+        # the MLflow run that recorded this dataset (a skipped rerun: the first run's); None when untracked
+        "lineage_run_id": (manifest.get("lineage") or {}).get("run_id"),
     }
 
+
+def run_generation(config: GenerateConfig) -> dict[str, Any]:
+    """Generate per `config` into `out` (resuming an interrupted run); returns where things are.
+    No MLflow here: pipelines.workflows.generate_with_lineage records the run around it."""
+    return run_plan(plan_generation(config))

@@ -21,6 +21,15 @@ DEFAULT_PIXEL_TEMPERATURE = 0.25
 IMAGE_FORMATS = ("png", "shards", "none")
 
 
+def _is_iso_date(text: str) -> bool:
+    import datetime
+
+    try:
+        return datetime.date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     model_dir: str  # a saved model folder (vaemodels.save_model: config.json + model.safetensors)
@@ -30,7 +39,9 @@ class GenerateConfig:
     model_uri: str = ""  # where the model came from (e.g. models:/NAME@ALIAS), kept in rows; "" = model_dir
     model_name: str = ""  # registered model name (provenance)
     model_version: str = ""  # registered model version (provenance)
-    seed: int = 0  # fixes labels and noise: same request -> byte-identical files
+    # fixes labels and noise: same request -> byte-identical files. None: derived from the date when out holds
+    # {date} (a fresh, reproducible seed per scheduled day: pipelines.batch.generate.date_seed), else 0
+    seed: int | None = None
     temperature: float = 1.0  # prior noise scale: z ~ N(0, T^2 I); below 1 trades variety for typicality
     pixel_temperature: float = DEFAULT_PIXEL_TEMPERATURE  # images = mean of p(x|z)^(1/T); 1 = plain decoder mean
     image_format: str = "png"  # images besides the Parquet rows: png (a file per sample) | shards (tar per block) | none
@@ -44,6 +55,15 @@ class GenerateConfig:
     # gives their label with probability >= filter_confidence; set both or neither (conditional models)
     filter_classifier: str | None = None
     filter_confidence: float | None = None
+    date: str | None = None  # the day {date} in out stands for (YYYY-MM-DD); None = today (local date of the run)
+    # lineage: with a tracking URI (--tracking-uri, the job config's tracking_uri, MLFLOW_TRACKING_URI) every
+    # generation is an MLflow run in this experiment (pipelines/registry/lineage.py); track: false opts out
+    experiment: str = "vaepipe-generation"
+    track: bool = True
+    evaluate_against: str | None = None  # real dataset (manifest or folder): evaluate the written data against it
+    # EvaluateConfig keys for that evaluation (e.g. classifier_steps, seeds, augmentation_fractions); checked
+    # against EvaluateConfig before anything is written
+    evaluation: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.num_samples is None) == (self.per_class is None):
@@ -54,7 +74,12 @@ class GenerateConfig:
             (bool(self.out), "out must name a folder"),
             (self.num_samples is None or self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
             (self.per_class is None or self.per_class >= 1, f"per_class must be >= 1, got {self.per_class}"),
-            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (self.seed is None or self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (self.date is None or _is_iso_date(self.date), f"date must be YYYY-MM-DD, got {self.date!r}"),
+            (self.date is None or "{date}" in self.out, f"date {self.date} is given but out {self.out!r} has no {{date}}"),
+            (bool(self.experiment), "experiment must name an MLflow experiment"),
+            (self.evaluate_against is None or bool(self.evaluate_against),
+             "evaluate_against must name a dataset manifest or its folder"),
             (math.isfinite(self.temperature) and self.temperature > 0,
              f"temperature must be > 0, got {self.temperature}"),
             (math.isfinite(self.pixel_temperature) and self.pixel_temperature > 0,
@@ -83,6 +108,10 @@ class GenerateConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GenerateConfig":
+        import datetime
+
+        if isinstance(data.get("date"), datetime.date):  # YAML reads `date: 2026-03-09` (and --set date=...) as a date
+            data = {**data, "date": data["date"].isoformat()}
         return from_dict(cls, data)
 
     def to_dict(self) -> dict[str, Any]:

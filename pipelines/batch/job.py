@@ -246,6 +246,16 @@ def _run_locked(job: BatchJob) -> BatchResult:
     return BatchResult(manifest, skipped=False, blocks_written=len(todo))
 
 
+def finished_manifest(job: BatchJob) -> dict[str, Any] | None:
+    """The manifest of `job.out` when it is complete for exactly this request (a rerun would do nothing),
+    else None. Read without the lock: a caller deciding whether to record a new run asks this first."""
+    if not (job.out / SUCCESS_NAME).is_file():
+        return None
+    finished = _read_json(job.out / MANIFEST_NAME)
+    same = finished is not None and finished.get("request") == json.loads(json.dumps(job.request))
+    return finished if same else None
+
+
 def _claim(job: BatchJob, request: dict[str, Any], finished: dict[str, Any] | None) -> None:
     """Make `out` this request's: resume our own unfinished run, refuse anyone else's data
     (or clear it with overwrite), and record the request before any block is written."""

@@ -260,17 +260,23 @@ def test_generate_configmap_config_passes_the_generate_entry_point(configmap_con
         seen["pull"] = (uri, tracking_uri)
         return None, {"path": "/data/models/pulled", "name": "shapes-beta-vae", "version": 3}
 
-    def fake_generation(config):
-        seen["generate"] = config
+    def fake_generation(config, tracking_uri=None):
+        seen["generate"], seen["lineage_uri"] = config, tracking_uri
         return {}
 
     monkeypatch.setattr(workflows, "pull", fake_pull)
-    monkeypatch.setattr(workflows, "run_generation", fake_generation)
+    monkeypatch.setattr(workflows, "generate_with_lineage", fake_generation)
     assert jobs_generate.main(["--config", str(configmap_configs["generate"])]) == 0
     config = seen["generate"]
     assert isinstance(config, GenerateConfig)
     assert seen["pull"] == (config.model_uri, tracking_uri_env())
     assert config.out.startswith("/data/") and "{date}" in config.out  # a new folder per scheduled day
+    # a fresh seed per day (derived from the date), recorded as a lineage run in the same MLflow server
+    assert config.seed is None and config.track and seen["lineage_uri"] == tracking_uri_env()
+    assert config.evaluate_against.startswith("/data/")
+    from pipelines.evaluation.config import EvaluateConfig
+
+    EvaluateConfig.from_dict({**config.evaluation, "model": "m", "data": config.evaluate_against, "out": "o"})
 
 
 CRON_FIELD = r"(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*"

@@ -22,6 +22,13 @@ def test_small_demo_writes_every_output_and_a_judged_report(ray_session, tmp_pat
 
     synthetic = json.loads((demo / "synthetic" / "manifest.json").read_text())
     assert synthetic["request"]["pixel_temperature"] == 0.25 and synthetic["counts"]
+    # the demo's dataset is a lineage run of the champion's version, which `vaepipe datasets` lists
+    assert synthetic["lineage"]["run_id"] == result["generation_run_id"]
+    from pipelines.registry.datasets_view import list_datasets
+
+    [listed] = list_datasets(result["tracking_uri"], "mnist-cvae")
+    assert listed["run_id"] == result["generation_run_id"] and listed["rows"] == 120
+    assert listed["model_version"] == str(result["registered"]["version"])
 
     metrics = json.loads((demo / "report" / "metrics.json").read_text())
     reliability = metrics["reliability"]

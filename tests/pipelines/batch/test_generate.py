@@ -297,3 +297,79 @@ def test_other_request_is_refused_unless_overwrite(generated, cvae_dir, tmp_path
     replaced = run_generation(request(cvae_dir, unfinished, per_class=3, overwrite=True))
     assert replaced["total"] == 30 and len(list((unfinished / "images").rglob("*.png"))) == 30
     assert verify_files(unfinished) == []
+
+
+# -- scheduled runs: a seed per day (issue 18) -----------------------------------------------------
+
+def test_seed_of_a_dated_out_comes_from_the_day_and_the_request(cvae_dir):
+    from pipelines.batch.generate import date_seed, resolve_schedule
+
+    dated = request(cvae_dir, "gen/{date}")
+    assert dated.seed is None  # no seed given: the default
+    first, schedule = resolve_schedule(dated, datetime.date(2026, 3, 9))
+    assert first.out == "gen/2026-03-09" and schedule == {"date": "2026-03-09", "seed": first.seed,
+                                                          "seed_source": "date"}
+    assert first.seed == date_seed(dated, "2026-03-09") and 0 <= first.seed < 2**31
+    assert resolve_schedule(dated, datetime.date(2026, 3, 9))[0].seed == first.seed  # a rerun: the same
+    assert resolve_schedule(dated, datetime.date(2026, 3, 10))[0].seed != first.seed  # the next day: another
+    # the request is part of it: another count or another out template on the same day draws other samples
+    assert resolve_schedule(request(cvae_dir, "gen/{date}", per_class=7), datetime.date(2026, 3, 9))[0].seed != first.seed
+    assert resolve_schedule(request(cvae_dir, "other/{date}"), datetime.date(2026, 3, 9))[0].seed != first.seed
+    # the rule as documented: sha256 of the JSON of the day + identifying fields, 4 bytes, 31 bits
+    import hashlib
+
+    identity = {"date": "2026-03-09", "model_uri": "models:/digits@prod", "num_samples": None,
+                "per_class": PER_CLASS, "out": "gen/{date}"}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).digest()
+    assert first.seed == int.from_bytes(digest[:4], "big") & (2**31 - 1)
+    # --date pins the day; an explicit seed pins the seed; no {date}: seed 0 as always
+    assert resolve_schedule(request(cvae_dir, "gen/{date}", date="2026-03-09"))[0].seed == first.seed
+    assert resolve_schedule(request(cvae_dir, "gen/{date}", seed=5), datetime.date(2026, 3, 9))[1] == \
+        {"date": "2026-03-09", "seed": 5, "seed_source": "given"}
+    assert resolve_schedule(request(cvae_dir, "gen/fixed"))[1] == {"date": None, "seed": 0, "seed_source": "default"}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"date": "2026-13-01"}, "date must be YYYY-MM-DD, got '2026-13-01'"),
+    ({"date": "09.03.2026"}, "date must be YYYY-MM-DD"),
+    ({"track": "yes"}, "track must be true or false"),
+    ({"evaluation": 3}, "evaluation must be a mapping"),
+])
+def test_bad_schedule_keys_name_the_problem(cvae_dir, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        request(cvae_dir, tmp_path / "{date}", **overrides)
+    with pytest.raises(ConfigError, match="date 2026-03-09 is given but out .* has no {date}"):
+        request(cvae_dir, tmp_path / "fixed", date="2026-03-09")
+
+
+@pytest.mark.ray
+def test_two_days_make_disjoint_samples_and_a_rerun_of_a_day_makes_none(ray_session, cvae_dir, tmp_path):
+    out = str(tmp_path / "daily" / "{date}")
+    days = {day: run_generation(request(cvae_dir, out, per_class=20, block_size=100, date=day))
+            for day in ("2026-03-09", "2026-03-10")}
+    first, second = days["2026-03-09"], days["2026-03-10"]
+    assert first["out"].endswith("daily/2026-03-09") and second["out"].endswith("daily/2026-03-10")
+    assert first["seed"] != second["seed"] and first["date"] == "2026-03-09"
+    ids = {day: set(pd.read_parquet(r["parquet"])["id"]) for day, r in days.items()}
+    assert len(ids["2026-03-09"]) == 200 and not ids["2026-03-09"] & ids["2026-03-10"]
+    files = {day: files_under(r["out"]) for day, r in days.items()}
+    parquet = lambda fs: sorted(v for k, v in fs.items() if k.endswith(".parquet"))  # noqa: E731
+    assert not set(parquet(files["2026-03-09"])) & set(parquet(files["2026-03-10"]))  # other bytes
+    manifest = json.loads(Path(first["manifest"]).read_text())
+    assert manifest["request"]["seed"] == first["seed"]
+    assert manifest["schedule"] == {"date": "2026-03-09", "seed": first["seed"], "seed_source": "date"}
+
+    again = run_generation(request(cvae_dir, out, per_class=20, block_size=100, date="2026-03-09"))
+    assert again["skipped"] and again["seed"] == first["seed"] and files_under(again["out"]) == files["2026-03-09"]
+    # the same day after losing the folder (a fresh volume): the same request, so byte-identical data
+    shutil.rmtree(first["out"])
+    redone = run_generation(request(cvae_dir, out, per_class=20, block_size=100, date="2026-03-09", workers=1))
+    assert not redone["skipped"] and files_under(redone["out"]) == files["2026-03-09"]
+
+
+def test_a_yaml_date_is_a_day(cvae_dir, tmp_path):
+    """YAML (a config file, --set date=2026-03-09) reads an ISO day as a date object: it is the same day."""
+    from pipelines.config import apply_overrides
+
+    data = apply_overrides({"model_dir": cvae_dir, "out": str(tmp_path / "{date}"), "per_class": 1}, ["date=2026-03-09"])
+    assert GenerateConfig.from_dict(data).date == "2026-03-09"
