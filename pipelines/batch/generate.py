@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ SCHEMA = pa.schema([
     ("class_name", pa.string()),  # the label's class name (the images/ folder); null when the model has none
 ])
 PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": ["block_seed", "sample_index", "id"]}
+# model modality -> its block function ("module:Class", with `owned_dirs`); images: GenerateBlock below
+BLOCK_FNS = {"table": "pipelines.batch.table_generate:TableGenerateBlock"}
 
 
 def resolve_out(out: str, today: datetime.date | None = None) -> Path:
@@ -212,12 +215,19 @@ def run_generation(config: GenerateConfig) -> dict[str, Any]:
                                        model.input_shape, model.num_classes, model_class_names(config.model_dir))
     out = resolve_out(config.out).resolve()
     request = generation_request(config, model, sample_filter)
+    block_fn, owned_dirs, metadata = GenerateBlock, ("parquet", "images"), {
+        "image_shape": list(model.input_shape), "columns": [f.name for f in SCHEMA]}
+    if loaded.modality in BLOCK_FNS:
+        module, _, name = BLOCK_FNS[loaded.modality].partition(":")
+        block_fn = getattr(importlib.import_module(module), name)
+        owned_dirs, metadata = block_fn.owned_dirs, {"modality": loaded.modality, "columns": list(
+            dict.fromkeys([c["name"] for c in loaded.input_spec()["columns"]] + [loaded.input_spec()["label"]]))}
     job = BatchJob(
         name="generate",
         out=out,
         request=request,
         blocks=plan_blocks(config, model.num_classes),
-        block_fn=GenerateBlock,
+        block_fn=block_fn,
         block_fn_kwargs={
             "model_dir": str(Path(config.model_dir).resolve()), "use_gpu": config.use_gpu,
             "batch_size": config.batch_size, "temperature": config.temperature, "seed": config.seed,
@@ -227,12 +237,12 @@ def run_generation(config: GenerateConfig) -> dict[str, Any]:
             **({"filter_classifier": sample_filter.classifier, "filter_confidence": sample_filter.confidence}
                if sample_filter is not None else {}),
         },
-        owned_dirs=("parquet", "images"),
+        owned_dirs=owned_dirs,
         workers=config.workers,
         use_gpu=config.use_gpu,
-        metadata={"model_family": model.name, "image_shape": list(model.input_shape),
+        metadata={"model_family": model.name, **metadata,
                   "num_classes": model.num_classes, "latent_dim": model.latent_dim,
-                  "columns": [f.name for f in SCHEMA], "partitioning": "hive: label"},
+                  "partitioning": "hive: label"},
         overwrite=config.overwrite,
         summarize=functools.partial(summarize, sample_filter) if sample_filter is not None else None,
     )
@@ -243,7 +253,7 @@ def run_generation(config: GenerateConfig) -> dict[str, Any]:
         "total": manifest["total"],
         "per_class": manifest["counts"],
         "parquet": str(out / "parquet"),
-        "images": str(out / "images"),
+        "images": str(out / "images") if "images" in owned_dirs else None,  # None: tables write no PNGs
         "manifest": str(out / "manifest.json"),
         "skipped": result.skipped,
         "blocks_written": result.blocks_written,
