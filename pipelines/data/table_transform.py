@@ -12,6 +12,7 @@ categories): it is stored in the manifest and in every model's config.json, neve
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,7 @@ def fit_columns(frame: pd.DataFrame, columns: list[dict[str, Any]], seed: int) -
 
 
 def _fit_modes(numbers: np.ndarray, seed: int) -> dict[str, list[float]]:
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import BayesianGaussianMixture
 
     if len(numbers) == 0:
@@ -59,7 +61,9 @@ def _fit_modes(numbers: np.ndarray, seed: int) -> dict[str, list[float]]:
         return {"means": [float(numbers[0])], "stds": [spread], "weights": [1.0]}
     gmm = BayesianGaussianMixture(n_components=min(MAX_MODES, distinct), weight_concentration_prior_type="dirichlet_process",
                                   weight_concentration_prior=0.001, max_iter=100, n_init=1, random_state=seed)
-    gmm.fit(numbers.reshape(-1, 1))
+    with warnings.catch_warnings():  # a mixture on few distinct values often stops short of tol: fine here
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gmm.fit(numbers.reshape(-1, 1))
     keep = gmm.weights_ > MODE_WEIGHT_FLOOR
     # a floor on each std keeps alpha finite for a mode that sits on one repeated value
     stds = np.maximum(np.sqrt(gmm.covariances_.reshape(-1)), 1e-3 * spread)
@@ -113,9 +117,9 @@ def encode(frame: pd.DataFrame, columns: list[dict[str, Any]]) -> np.ndarray:
             _, start, _ = next(spans)
             categories = column["categories"]
             index = {c: i for i, c in enumerate(categories)}
-            keys = values.astype(object).where(~missing, None).map(
-                lambda v: None if v is None else index.get(bool(v) if column["kind"] == "boolean" else _category(v), -1))
-            slot = np.array([len(categories) if k is None else k for k in keys], dtype=np.int64)
+            boolean = column["kind"] == "boolean"
+            slot = np.array([len(categories) if m else index.get(bool(v) if boolean else _category(v), -1)
+                             for v, m in zip(values.astype(object), missing)], dtype=np.int64)
             known = slot >= 0  # -1: a category the transformer never saw encodes as an all-zero group
             out[rows[known], start + slot[known]] = 1.0
     return out
