@@ -2,7 +2,8 @@
 Parquet shards. Shards are dealt to (rank x loader worker) slots after the same per-epoch shuffle,
 every slot yields exactly floor(total / slots) rows, several shards are read at once and a shuffle
 buffer mixes further; only reading a shard differs: the whole Parquet file is read and encoded by the
-dataset's column transformer at once, then yielded row by row as {"row", "label", "index"}.
+dataset's column transformer at once (and kept, per process, for the next epochs), then yielded row by
+row as {"row", "label", "index"}.
 """
 from __future__ import annotations
 
@@ -18,6 +19,27 @@ from pipelines.data.reader import ShardStream, _BadTally, _share
 from pipelines.data.table_transform import encode
 
 
+CACHE_BYTES = 1 << 30  # encoded shards kept per process (tables are small; epochs re-read the same shards)
+_ENCODED: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _encoded_shard(shard: ShardInfo, manifest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, labels, index) of one shard, encoded once per process: a shard is identified by its sha256
+    in the manifest, so a rebuilt dataset is never served from the cache."""
+    key = (shard.url, shard.sha256)
+    if key in _ENCODED:
+        return _ENCODED[key]
+    spec = manifest.data["table"]
+    frame = read_table_shard(shard.url)
+    rows = torch.from_numpy(encode(frame, spec["columns"]))
+    classes = {name: i for i, name in enumerate(manifest.class_names)}
+    labels = torch.tensor([classes[str(v)] for v in frame[spec["label"]]], dtype=torch.long)
+    index = torch.from_numpy(frame[spec["index_column"]].to_numpy(np.int64))
+    if sum(r.numel() * 4 for r, _, _ in _ENCODED.values()) + rows.numel() * 4 <= CACHE_BYTES:
+        _ENCODED[key] = (rows, labels, index)
+    return rows, labels, index
+
+
 def read_table_shard(url: str):
     """One Parquet shard as a pandas DataFrame (local path or any fsspec URL)."""
     with fsspec.open(url, "rb") as f:
@@ -29,15 +51,10 @@ class TableStream(ShardStream):
 
     def _shard_samples(self, shard: ShardInfo, stride: tuple[int, int] | None, tally: _BadTally
                        ) -> Iterator[dict[str, Any]]:
-        spec = self.manifest.data["table"]
         errors: list[str] = []
         rows = labels = index = None
         try:
-            frame = read_table_shard(shard.url)
-            rows = torch.from_numpy(encode(frame, spec["columns"]))
-            classes = {name: i for i, name in enumerate(self.manifest.class_names)}
-            labels = torch.tensor([classes[str(v)] for v in frame[spec["label"]]], dtype=torch.long)
-            index = torch.from_numpy(frame[spec["index_column"]].to_numpy(np.int64))
+            rows, labels, index = _encoded_shard(shard, self.manifest)
         except Exception as exc:  # a truncated or foreign file: counted as unreadable, like a bad tar
             errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         good = 0

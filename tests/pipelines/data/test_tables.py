@@ -197,3 +197,16 @@ def test_a_missing_label_value_and_a_bad_column_type_are_refused(tmp_path):
         build_dataset(BuildConfig(f"csv:{path}", str(tmp_path / "ds"), label="y"))
     with pytest.raises(SourceError, match="NAME=KIND"):
         build_dataset(BuildConfig(f"csv:{path}", str(tmp_path / "ds"), label="x", column_types=("y=text",)))
+
+
+def test_a_damaged_table_shard_is_counted_and_fails_past_max_bad_fraction(table_file, tmp_path):
+    from pipelines.data import DataReadError
+
+    build(table_file, tmp_path / "ds", shard_size=60, val_fraction=0.0)
+    manifest = read_manifest(tmp_path / "ds")
+    shard = manifest.shards("train")[1]
+    with open(shard.url, "r+b") as f:
+        f.truncate(100)
+    assert verify_shards(manifest) == [shard.name]
+    with pytest.raises(DataReadError, match="shard-000001"):
+        list(open_stream(manifest, "train", shuffle_buffer=0, max_bad_fraction=0.05))
