@@ -26,6 +26,9 @@ def main() -> None:
     from sdv.metadata import Metadata
     from sdv.single_table import TVAESynthesizer
 
+    import sklearn.mixture  # noqa: F401  one-off lazy imports, paid outside the timing in both arms
+    import torch._dynamo  # noqa: F401
+
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     train = pd.read_parquet(args.train)
