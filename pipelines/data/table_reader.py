@@ -40,6 +40,11 @@ def _encoded_shard(shard: ShardInfo, manifest) -> tuple[torch.Tensor, torch.Tens
     return rows, labels, index
 
 
+def shard_labels(manifest, split: str) -> list[np.ndarray]:
+    """The class index of every row of each shard of a split, in stored order (`data verify --check-order`)."""
+    return [_encoded_shard(shard, manifest)[1].numpy() for shard in manifest.shards(split)]
+
+
 def read_table_shard(url: str):
     """One Parquet shard as a pandas DataFrame (local path or any fsspec URL)."""
     with fsspec.open(url, "rb") as f:

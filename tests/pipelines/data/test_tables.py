@@ -210,3 +210,11 @@ def test_a_damaged_table_shard_is_counted_and_fails_past_max_bad_fraction(table_
     assert verify_shards(manifest) == [shard.name]
     with pytest.raises(DataReadError, match="shard-000001"):
         list(open_stream(manifest, "train", shuffle_buffer=0, max_bad_fraction=0.05))
+
+
+def test_verify_counts_rows_and_checks_the_order_of_table_shards(table_file, tmp_path, capsys):
+    build(table_file, tmp_path / "ds", shard_size=40, val_fraction=0.25)
+    assert main(["data", "verify", str(tmp_path / "ds"), "--count", "--check-order"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["ok"] and result["counted"] == {"train": 180, "val": 60}
+    assert result["class_sorted"] is False  # rows are written in a seeded shuffled order
