@@ -73,17 +73,19 @@ def vaepipe_arm(data: Path, work: Path, seed: int, epochs: int, batch: int, rows
     import sklearn.mixture  # noqa: F401
 
     class TimedSession(LocalSession):  # epoch-end report times: the steady per-epoch cost, start-up aside
-        reports: list[float] = []
+        def __init__(self):
+            super().__init__()
+            self.report_times: list[float] = []
 
         def report(self, metrics, checkpoint_dir):
             super().report(metrics, checkpoint_dir)
-            self.reports.append(time.perf_counter())
+            self.report_times.append(time.perf_counter())
 
     started = time.perf_counter()
     session = TimedSession()
     run_loop(config, session)
     train_s = time.perf_counter() - started
-    steady = (session.reports[-1] - session.reports[0]) / max(len(session.reports) - 1, 1)
+    steady = (session.report_times[-1] - session.report_times[0]) / max(len(session.report_times) - 1, 1)
     model = vaemodels.load_model(Path(session.latest_checkpoint) / "model").eval()
     manifest = read_manifest(data)
     train = read_split(manifest, "train", 10**9, 0)

@@ -171,7 +171,11 @@ class AutoEncoderModel(nn.Module):
     @classmethod
     def prepare_input(cls, input_shape: Any) -> Any:
         """What `build` passes to the constructor for the `input_shape` it was given (JSON gives lists)."""
-        return tuple(int(d) for d in input_shape)
+        try:
+            return tuple(int(d) for d in input_shape)
+        except (TypeError, ValueError):
+            raise ConfigError(f"model {cls.name!r} reads {cls.modality}s: input_shape must be (C, H, W), got a "
+                              f"{type(input_shape).__name__} (a table dataset needs a table model, e.g. tvae)") from None
 
     def _checked_input(self, input_shape: Any) -> tuple[int, ...]:
         """The model's input_shape from the constructor's argument; families of other modalities override it."""

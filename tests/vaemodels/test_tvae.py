@@ -102,3 +102,8 @@ def test_iwae_and_anomaly_scores_are_finite():
     x, labels = fake_rows(6, torch.Generator().manual_seed(0))
     assert torch.isfinite(model.log_likelihood(x, k=5, labels=labels)).all()
     assert torch.isfinite(model.anomaly_score(x)).all()
+
+
+def test_an_image_model_on_a_table_spec_is_a_config_error():
+    with pytest.raises(vaemodels.ConfigError, match="model 'cvae' reads images.*table model, e.g. tvae"):
+        vaemodels.build("cvae", SPEC, 2)
