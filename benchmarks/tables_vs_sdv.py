@@ -31,7 +31,7 @@ import pandas as pd
 SDV_ARM = Path(__file__).with_name("sdv_tvae_arm.py")
 BATCH, LR, WEIGHT_DECAY = 500, 1e-3, 1e-5
 METRICS = ("quality_score", "column_shapes", "column_pair_trends", "tstr_accuracy", "trtr_accuracy", "tstr_ratio",
-           "detection_auroc", "dcr_ratio", "exact_copy_fraction", "epoch_s")
+           "detection_auroc", "dcr_ratio", "exact_copy_fraction", "holdout_exact_copy_fraction", "epoch_s")
 
 
 def tables(root: Path) -> dict[str, dict]:
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.report import update_section
 
     update_section(args.report, "\n".join(lines))
-    print(json.dumps({"results": results, "targets": verdicts}, default=float))
+    print(json.dumps({"results": results, "targets": verdicts, "sizes": sizes}, default=float))
     return 0
 
 
