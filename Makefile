@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench bench-pythae clean image stack-up stack-down
+.PHONY: venv demo test test-fast bench bench-pythae bench-sdv clean image stack-up stack-down
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,12 @@ PYTHAE_VENV ?= .bench-venvs/pythae
 bench-pythae: venv
 	test -x $(PYTHAE_VENV)/bin/python || { python3 -m venv $(PYTHAE_VENV) && $(PYTHAE_VENV)/bin/pip install -q "$(TORCH_SPEC)" pythae==0.1.2; }
 	$(PY) -m benchmarks.vae_vs_pythae --pythae-python $(PYTHAE_VENV)/bin/python
+
+# vaepipe's tvae vs SDV's TVAESynthesizer on the same tables (issue 15); SDV lives in its own throwaway venv
+SDV_VENV ?= .bench-venvs/sdv
+bench-sdv: venv
+	test -x $(SDV_VENV)/bin/python || { python3 -m venv $(SDV_VENV) && $(SDV_VENV)/bin/pip install -q "$(TORCH_SPEC)" sdv==2.0.0 pyarrow; }
+	$(PY) -m benchmarks.tables_vs_sdv --sdv-python $(SDV_VENV)/bin/python
 
 # the deployment image, named by the `# Image:` line of infra/docker/Dockerfile
 image:

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=150, help="training steps per family and dataset")
     parser.add_argument("--k", type=int, default=50, help="importance samples for IWAE")
     parser.add_argument("--margin", type=float, default=0.25, help="required gain, as a share of |untrained|")
-    parser.add_argument("--families", default=",".join(vaemodels.MODELS))
+    parser.add_argument("--families", default=",".join(n for n, c in vaemodels.MODELS.items() if c.modality == "image"))
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--out", default="BENCHMARKS.md")
     args = parser.parse_args(argv)

@@ -42,11 +42,15 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
     config = BuildConfig(source=args.source, out=args.out, shard_size=args.shard_size,
                          val_fraction=args.val_fraction, seed=args.seed, limit=args.limit,
-                         image_size=args.image_size, overwrite=args.overwrite)
+                         image_size=args.image_size, overwrite=args.overwrite, label=args.label,
+                         column_types=tuple(args.column_types or ()))
     manifest = build_dataset(config)
     emit({
         "manifest": f"{args.out.rstrip('/')}/manifest.json",
-        "image_shape": manifest["image_shape"],
+        "image_shape": manifest.get("image_shape"),  # None for tables
+        "modality": manifest.get("modality", "image"),
+        **({"columns": {c["name"]: c["kind"] for c in manifest["table"]["columns"]},
+            "label": manifest["table"]["label"]} if "table" in manifest else {}),
         "num_classes": len(manifest["class_names"]),
         "samples": {split: info["num_samples"] for split, info in manifest["splits"].items()},
         "shards": {split: len(info["shards"]) for split, info in manifest["splits"].items()},
@@ -55,7 +59,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 
 def cmd_data_verify(args: argparse.Namespace) -> int:
-    from pipelines.data import ShardStream, read_manifest, verify_shards
+    from pipelines.data import open_stream, read_manifest, verify_shards
 
     manifest = read_manifest(args.dataset)
     bad = verify_shards(manifest)
@@ -63,7 +67,7 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
     if not bad and args.count:
         for split in manifest.data["splits"]:
             if manifest.num_samples(split):
-                stream = ShardStream(manifest, split, shuffle_buffer=0, max_bad_fraction=0.0)
+                stream = open_stream(manifest, split, shuffle_buffer=0, max_bad_fraction=0.0)
                 counts[split] = sum(1 for _ in stream)
     result = {"manifest": manifest.location, "ok": not bad, "bad_shards": bad, "counted": counts}
     if "sample_order" not in manifest.data:

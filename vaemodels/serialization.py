@@ -20,7 +20,7 @@ def model_spec(model: AutoEncoderModel) -> dict:
     """Everything needed to rebuild the model's architecture, as plain JSON values."""
     return {
         "name": model.name,
-        "input_shape": list(model.input_shape),
+        "input_shape": model.input_spec(),  # image models: [C, H, W]; table models: the table spec
         "num_classes": model.num_classes,
         "config": model.config.to_dict(),
     }

@@ -73,6 +73,10 @@ def open_model(config: DatasetJobConfig, manifest: Manifest):
 
 
 def check_fits(model, manifest: Manifest) -> None:
+    if manifest.modality != "image" or model.modality != "image":
+        raise ConfigError(f"embed, score, denoise and interpolate read image datasets with image models; "
+                          f"{manifest.location} is a {manifest.modality} dataset and {model.name!r} reads "
+                          f"{model.modality}s")
     if tuple(model.input_shape) != tuple(manifest.image_shape):
         raise ConfigError(f"the {model.name!r} model takes images of shape {tuple(model.input_shape)} but the "
                           f"dataset {manifest.location} holds {tuple(manifest.image_shape)}")

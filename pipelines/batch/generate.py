@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ SCHEMA = pa.schema([
     ("class_name", pa.string()),  # the label's class name (the images/ folder); null when the model has none
 ])
 PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": ["block_seed", "sample_index", "id"]}
+# model modality -> its block function ("module:Class", with `owned_dirs`); images: GenerateBlock below
+BLOCK_FNS = {"table": "pipelines.batch.table_generate:TableGenerateBlock"}
 
 
 DATE_PLACEHOLDER = "{date}"
@@ -286,12 +289,22 @@ def plan_generation(config: GenerateConfig, today: datetime.date | None = None) 
                                        model.input_shape, model.num_classes, model_class_names(config.model_dir))
     out = Path(config.out).resolve()
     request = generation_request(config, model, sample_filter)
+    block_fn, owned_dirs, metadata = GenerateBlock, ("parquet", "images"), {
+        "image_shape": list(model.input_shape), "columns": [f.name for f in SCHEMA]}
+    if loaded.modality in BLOCK_FNS:
+        module, _, name = BLOCK_FNS[loaded.modality].partition(":")
+        block_fn = getattr(importlib.import_module(module), name)
+        owned_dirs, metadata = block_fn.owned_dirs, {"modality": loaded.modality, "columns": list(
+            dict.fromkeys([c["name"] for c in loaded.input_spec()["columns"]] + [loaded.input_spec()["label"]]))}
+        if config.image_format != "png":
+            raise ConfigError(f"image_format={config.image_format!r} is for image models; the {model.name!r} model "
+                              f"in {config.model_dir} makes {loaded.modality} data (Parquet only)")
     job = BatchJob(
         name="generate",
         out=out,
         request=request,
         blocks=plan_blocks(config, model.num_classes),
-        block_fn=GenerateBlock,
+        block_fn=block_fn,
         block_fn_kwargs={
             "model_dir": str(Path(config.model_dir).resolve()), "use_gpu": config.use_gpu,
             "batch_size": config.batch_size, "temperature": config.temperature, "seed": config.seed,
@@ -301,13 +314,13 @@ def plan_generation(config: GenerateConfig, today: datetime.date | None = None) 
             **({"filter_classifier": sample_filter.classifier, "filter_confidence": sample_filter.confidence}
                if sample_filter is not None else {}),
         },
-        owned_dirs=("parquet", "images"),
+        owned_dirs=owned_dirs,
         workers=config.workers,
         use_gpu=config.use_gpu,
-        metadata={"model_family": model.name, "image_shape": list(model.input_shape),
+        metadata={"model_family": model.name, **metadata,
                   "num_classes": model.num_classes, "latent_dim": model.latent_dim,
-                  "columns": [f.name for f in SCHEMA], "partitioning": "hive: label",
-                  "image_format": config.image_format, "schedule": schedule},
+                  "partitioning": "hive: label", "schedule": schedule,
+                  **({"image_format": config.image_format} if "images" in owned_dirs else {})},
         overwrite=config.overwrite,
         summarize=functools.partial(summarize, sample_filter) if sample_filter is not None else None,
     )
@@ -328,8 +341,10 @@ def generation_result(plan: GenerationPlan, result: BatchResult) -> dict[str, An
         "total": manifest["total"],
         "per_class": manifest["counts"],
         "parquet": str(out / "parquet"),
-        "images": str(out / "images") if plan.config.image_format != "none" else None,
-        "image_format": plan.config.image_format,
+        # None: tables write no images, nor does --image-format none
+        "images": str(out / "images") if "images" in plan.job.owned_dirs and plan.config.image_format != "none"
+        else None,
+        "image_format": plan.config.image_format if "images" in plan.job.owned_dirs else None,
         "manifest": str(out / "manifest.json"),
         "skipped": result.skipped,
         "blocks_written": result.blocks_written,

@@ -6,6 +6,7 @@ leaves a manifest that lists missing or partial shards, and an old dataset is on
 """
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -38,6 +39,8 @@ class BuildConfig:
     limit: int | None = None  # at most this many samples in total across splits
     image_size: int | None = None  # resize every image to N x N
     overwrite: bool = False  # replace a non-empty `out`
+    label: str | None = None  # tables: the class column (built-in tables have their own default)
+    column_types: tuple[str, ...] = ()  # tables: NAME=KIND overrides of the inferred column kinds
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
@@ -103,8 +106,26 @@ def _write_split(source: ImageSource, split: str, indices: np.ndarray, folder: P
     ]
 
 
+# modality -> the builder of its sources ("module:function"); images are built here
+BUILDERS = {"table": "pipelines.data.table_build:build_table_dataset"}
+
+
+def source_modality(spec: str) -> str:
+    """Which modality a --source string names: "table" for table sources, else "image"."""
+    from pipelines.data.table_source import is_table_source
+
+    return "table" if is_table_source(spec) else "image"
+
+
 def build_dataset(config: BuildConfig) -> dict[str, Any]:
     """Build shards + manifest at `config.out`; returns the manifest dict."""
+    modality = source_modality(config.source)
+    if modality in BUILDERS:
+        module, _, function = BUILDERS[modality].partition(":")
+        return getattr(importlib.import_module(module), function)(config)
+    if config.label is not None or config.column_types:
+        raise SourceError(f"--label and --column-types are for tables; the image source {config.source} "
+                          "takes its labels from the source")
     out = Path(config.out)
     check_out(config, out)
     check_image_size(config.image_size, ENCODE_CHUNK)

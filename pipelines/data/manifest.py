@@ -14,6 +14,11 @@ import fsspec
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+# modality (the manifest's "modality" key; absent = "image", as every manifest before it) -> the keys it
+# must hold besides format_version, class_names and splits
+MODALITY_KEYS = {"image": ("image_shape",), "table": ("table",)}
+# modality -> what vaemodels.build takes as input_shape for a dataset of it
+MODEL_INPUTS = {"image": lambda data: tuple(data["image_shape"]), "table": lambda data: data["table"]}
 
 
 class ManifestError(ValueError):
@@ -32,6 +37,16 @@ class ShardInfo:
 class Manifest:
     location: str  # where manifest.json was read from
     data: dict[str, Any]
+
+    @property
+    def modality(self) -> str:
+        return self.data.get("modality", "image")
+
+    @property
+    def model_input(self) -> Any:
+        """What `vaemodels.build` takes as input_shape for this dataset: the image shape (C, H, W), or a
+        table's spec (schema + fitted column transformer)."""
+        return MODEL_INPUTS[self.modality](self.data)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -83,7 +98,10 @@ def read_manifest(path_or_dir: str) -> Manifest:
         raise ManifestError(f"no dataset manifest at {location} (build one with `vaepipe data build`)") from None
     except json.JSONDecodeError as exc:
         raise ManifestError(f"manifest {location} is not valid JSON: {exc}") from exc
-    for key in ("format_version", "image_shape", "class_names", "splits"):
+    modality = data.get("modality", "image") if isinstance(data, dict) else None
+    if modality not in MODALITY_KEYS:
+        raise ManifestError(f"manifest {location} has modality {modality!r}; known: {', '.join(MODALITY_KEYS)}")
+    for key in ("format_version", *MODALITY_KEYS[modality], "class_names", "splits"):
         if key not in data:
             raise ManifestError(f"manifest {location} lacks the key {key!r}")
     if data["format_version"] != FORMAT_VERSION:

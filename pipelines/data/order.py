@@ -37,8 +37,17 @@ class OrderReport:
         return asdict(self)
 
 
+# modality -> its shard-labels reader ("module:function"); images: shard_labels below
+SHARD_LABELS = {"table": "pipelines.data.table_reader:shard_labels"}
+
+
 def shard_labels(manifest: Manifest, split: str) -> list[np.ndarray]:
     """The labels of each shard of a split, in stored order (images are not decoded)."""
+    if manifest.modality in SHARD_LABELS:
+        import importlib
+
+        module, _, function = SHARD_LABELS[manifest.modality].partition(":")
+        return getattr(importlib.import_module(module), function)(manifest, split)
     labels = []
     for shard in manifest.shards(split):
         errors: list[str] = []

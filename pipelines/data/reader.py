@@ -276,10 +276,23 @@ class ShardStream(IterableDataset):
         return out
 
 
+# modality -> its stream class ("module:Class"), each keeping ShardStream's per-rank contract
+STREAMS = {"image": "pipelines.data.reader:ShardStream", "table": "pipelines.data.table_reader:TableStream"}
+
+
+def open_stream(manifest: Manifest | str, split: str, *args: Any, **kwargs: Any) -> ShardStream:
+    """The stream of the dataset's modality over one split (ShardStream's arguments)."""
+    import importlib
+
+    manifest = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
+    module, _, name = STREAMS[manifest.modality].partition(":")
+    return getattr(importlib.import_module(module), name)(manifest, split, *args, **kwargs)
+
+
 def make_loader(manifest: Manifest | str, split: str, config: ReaderConfig, rank: int = 0,
                 world_size: int = 1, epoch: int = 0) -> DataLoader:
     """A DataLoader over one split for one rank: `len(loader)` batches, equal on every rank."""
-    dataset = ShardStream(manifest, split, rank, world_size, config.shuffle_buffer, config.seed,
+    dataset = open_stream(manifest, split, rank, world_size, config.shuffle_buffer, config.seed,
                           config.max_bad_fraction, max(1, config.num_loader_workers), config.open_shards,
                           config.cache_bytes)
     dataset.set_epoch(epoch)

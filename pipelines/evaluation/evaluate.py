@@ -34,6 +34,8 @@ from vaemodels.distributions import active_units
 METRICS_NAME, REPORT_NAME = "metrics.json", "report.html"
 CLASSIFIER_DIR = "reference_classifier"  # OUT/<this>: the reference classifier (generate --filter-classifier takes it)
 IWAE_BATCH = 16  # images per IWAE pass: k samples each, so k x 16 decodes at once
+# dataset modality -> its evaluator ("module:function", called with (config, model, manifest)); images: below
+EVALUATORS = {"table": "pipelines.evaluation.table_evaluate:run_table_evaluation"}
 
 
 def _log(message: str) -> None:
@@ -45,6 +47,14 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     started = time.perf_counter()
     model = vaemodels.load_model(config.model)  # eval mode, CPU
     manifest = read_manifest(config.data)
+    if manifest.modality in EVALUATORS:
+        import importlib
+
+        module, _, function = EVALUATORS[manifest.modality].partition(":")
+        return getattr(importlib.import_module(module), function)(config, model, manifest)
+    if model.modality != manifest.modality:
+        raise ConfigError(f"the {model.name!r} model reads {model.modality}s but {manifest.location} is an "
+                          f"{manifest.modality} dataset")
     num_classes = _check_fits(model, manifest, config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ weights (pickle-free model folder) and sample / reconstruction / interpolation g
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -125,8 +126,14 @@ class RunTracker:
             save_model(model, Path(tmp) / MODEL_ARTIFACT)
             write_dataset_info(Path(tmp) / MODEL_ARTIFACT, manifest)
             self.client.log_artifacts(self.run_id, str(Path(tmp) / MODEL_ARTIFACT), MODEL_ARTIFACT)
-            for path in write_figures(model, batch, Path(tmp) / FIGURES_ARTIFACT):
+            write = FIGURE_WRITERS.get(model.modality, "pipelines.registry.tracking:write_figures")
+            module, _, function = write.partition(":")
+            for path in getattr(importlib.import_module(module), function)(model, batch, Path(tmp) / FIGURES_ARTIFACT):
                 self.client.log_artifact(self.run_id, str(path), FIGURES_ARTIFACT)
+
+
+# modality -> the training run's figure writer ("module:function"; images: write_figures below)
+FIGURE_WRITERS = {"table": "pipelines.evaluation.table_report:write_training_figures"}
 
 
 def write_dataset_info(model_dir: Path, manifest) -> Path:

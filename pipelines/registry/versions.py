@@ -70,7 +70,8 @@ def model_signature(model: vaemodels.AutoEncoderModel) -> dict[str, Any]:
     inputs = [TensorSpec(np.dtype(np.float32), (-1, latent_dim), "z")]
     if model.is_conditional:
         inputs.append(TensorSpec(np.dtype(np.int64), (-1,), "label"))
-    outputs = [TensorSpec(np.dtype(np.float32), (-1, *model.input_shape), "image")]
+    # "image" for image models; a table model's output is its encoded row (decoded by its table spec)
+    outputs = [TensorSpec(np.dtype(np.float32), (-1, *model.input_shape), model.input_key)]
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs)).to_dict()
 
 
@@ -349,7 +350,7 @@ def iwae_on_validation(model, data: str | None, num_samples: int = 256, k: int =
     """IWAE log p(x) (Burda et al. 2016) on the first `num_samples` validation images, in nats."""
     if not model.is_variational or not data:
         return None
-    from pipelines.data import ShardStream, read_manifest
+    from pipelines.data import open_stream, read_manifest
 
     try:
         manifest = read_manifest(data)
@@ -358,8 +359,8 @@ def iwae_on_validation(model, data: str | None, num_samples: int = 256, k: int =
         return None
     split = "val" if manifest.num_samples("val") else "train"
     images, labels = [], []
-    for sample in ShardStream(manifest, split, shuffle_buffer=0):
-        images.append(sample["image"])
+    for sample in open_stream(manifest, split, shuffle_buffer=0):
+        images.append(sample[model.input_key])
         labels.append(sample["label"])
         if len(images) == num_samples:
             break

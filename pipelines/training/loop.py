@@ -44,7 +44,7 @@ def run_loop(config: dict[str, Any], session: Session) -> dict[str, float]:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
     manifest = read_manifest(cfg.data)
-    model = vaemodels.build(cfg.model.name, manifest.image_shape, manifest.num_classes or None, **cfg.model.params)
+    model = vaemodels.build(cfg.model.name, manifest.model_input, manifest.num_classes or None, **cfg.model.params)
     model.to(device)
     optimizers = make_optimizers(model, cfg.optim.lr, cfg.optim.weight_decay)
     state = TrainingState(step=0, epoch=0, batch=0, config=cfg.to_dict())
@@ -92,7 +92,7 @@ def run_loop(config: dict[str, Any], session: Session) -> dict[str, float]:
                 )
             update(model, optimizers, total, cfg.optim.grad_clip)
             step += 1
-            seen += len(batch["image"])
+            seen += len(batch[model.input_key])
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
             done = batch_index + 1
@@ -133,11 +133,11 @@ def evaluate(model: vaemodels.AutoEncoderModel, manifest, reader: ReaderConfig, 
     count, mu_sum, mu_sq_sum = 0, None, None
     for chunk in _rebatch(loader, reader.batch_size):
         chunk = {k: v.to(device) for k, v in chunk.items()}
-        n = len(chunk["image"])
+        n = len(chunk[model.input_key])
         for key, value in model.loss(chunk).items():
             sums[key] = sums.get(key, 0.0) + float(value) * n
         if model.is_variational:
-            mu = model.embed(chunk["image"], model.condition_on(chunk["label"], all_known=True)).double()
+            mu = model.embed(chunk[model.input_key], model.condition_on(chunk["label"], all_known=True)).double()
             mu_sum = mu.sum(0) if mu_sum is None else mu_sum + mu.sum(0)
             mu_sq_sum = (mu**2).sum(0) if mu_sq_sum is None else mu_sq_sum + (mu**2).sum(0)
         count += n

@@ -144,7 +144,7 @@ def train_trial(point: dict[str, Any], base: dict[str, Any], parent_run_id: str,
         if error is not None:
             raise error
         manifest = read_manifest(config.data)
-        validate_model_params(config, manifest.image_shape, manifest.num_classes or None)
+        validate_model_params(config, manifest.model_input, manifest.num_classes or None)
         session = RayTuneSession(config.scaling.use_gpu, metric=metric)
         run_loop({**config.to_dict(), "mlflow_run_id": run_id}, session)
         if not session.reported:

@@ -39,7 +39,7 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None) -> dict[
     """Train per `config`; returns the MLflow run id, the checkpoint location and final metrics."""
     config = absolute_paths(config)
     manifest = read_manifest(config.data)
-    validate_model_params(config, manifest.image_shape, manifest.num_classes or None)
+    validate_model_params(config, manifest.model_input, manifest.num_classes or None)
     if config.train.batch_size > manifest.num_samples("train") // max(1, config.scaling.workers):
         raise ConfigError(f"train.batch_size={config.train.batch_size} is larger than each worker's share of "
                           f"the {manifest.num_samples('train')} training samples")
