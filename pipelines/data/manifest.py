@@ -14,6 +14,9 @@ import fsspec
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+DEFAULT_MODALITY = "image"  # manifests without a "modality" key (every one written before series existed)
+# keys a manifest of each modality must have besides the common ones; a modality not listed needs none
+MODALITY_KEYS = {"image": ("image_shape",), "series": ("input_shape", "series")}
 
 
 class ManifestError(ValueError):
@@ -34,8 +37,20 @@ class Manifest:
     data: dict[str, Any]
 
     @property
+    def modality(self) -> str:
+        """What one sample is: "image" (the default, and every manifest written before the key existed) or
+        another modality ("series"), whose own module reads its part of the manifest."""
+        return str(self.data.get("modality", DEFAULT_MODALITY))
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape (C, H, W) of one model input: the image shape, or what a non-image manifest records
+        under "input_shape" (a series window is C x 1 x T)."""
+        return tuple(self.data["input_shape"] if "input_shape" in self.data else self.data["image_shape"])
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.data["image_shape"])
+        return tuple(self.data["image_shape"]) if "image_shape" in self.data else self.input_shape
 
     @property
     def class_names(self) -> list[str]:
@@ -83,8 +98,9 @@ def read_manifest(path_or_dir: str) -> Manifest:
         raise ManifestError(f"no dataset manifest at {location} (build one with `vaepipe data build`)") from None
     except json.JSONDecodeError as exc:
         raise ManifestError(f"manifest {location} is not valid JSON: {exc}") from exc
-    for key in ("format_version", "image_shape", "class_names", "splits"):
-        if key not in data:
+    modality = data.get("modality", DEFAULT_MODALITY) if isinstance(data, dict) else None
+    for key in ("format_version", "class_names", "splits", *MODALITY_KEYS.get(modality, ())):
+        if not isinstance(data, dict) or key not in data:
             raise ManifestError(f"manifest {location} lacks the key {key!r}")
     if data["format_version"] != FORMAT_VERSION:
         raise ManifestError(f"manifest {location} has format_version {data['format_version']}, expected {FORMAT_VERSION}")

@@ -54,6 +54,33 @@ def decode_png(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float().div_(255.0)
 
 
+def _png_input(sample: dict[str, Any]) -> torch.Tensor:
+    return decode_png(sample["png"])
+
+
+def _image_decoder(manifest_data: dict):
+    return _png_input
+
+
+def _series_decoder(manifest_data: dict):
+    from pipelines.data.series import series_decoder
+
+    return series_decoder(manifest_data)
+
+
+# a manifest's modality -> (manifest data -> sample -> the model's input tensor C x H x W); a new
+# modality adds its entry here and its module, nothing else in the reader changes
+INPUT_DECODERS = {"image": _image_decoder, "series": _series_decoder}
+
+
+def input_decoder(manifest: Manifest):
+    try:
+        return INPUT_DECODERS[manifest.modality](manifest.data)
+    except KeyError:
+        raise DataReadError(f"manifest {manifest.location} has modality {manifest.modality!r}, which this "
+                            f"reader does not know (known: {', '.join(INPUT_DECODERS)})") from None
+
+
 def _open_stream(url: str):
     return fsspec.open(url, "rb").open()
 
@@ -132,6 +159,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"open_shards must be >= 1, got {open_shards}")
         self.open_shards = open_shards
         self.has_factors = bool(self.manifest.factor_names)
+        self._decode_input = input_decoder(self.manifest)
         self.epoch = 0
         if self.total < world_size * self.num_loader_workers:
             raise DataReadError(
@@ -224,7 +252,7 @@ class ShardStream(IterableDataset):
 
     def _decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         out = {
-            "image": decode_png(sample["png"]),
+            "image": self._decode_input(sample),  # the model's input: an image, or a series window C x 1 x T
             "label": torch.tensor(int(sample["cls"]), dtype=torch.long),
             "index": torch.tensor(int(sample["__key__"]), dtype=torch.long),  # position in the source
         }
