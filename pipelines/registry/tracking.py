@@ -125,7 +125,7 @@ class RunTracker:
             save_model(model, Path(tmp) / MODEL_ARTIFACT)
             write_dataset_info(Path(tmp) / MODEL_ARTIFACT, manifest)
             self.client.log_artifacts(self.run_id, str(Path(tmp) / MODEL_ARTIFACT), MODEL_ARTIFACT)
-            for path in write_figures(model, batch, Path(tmp) / FIGURES_ARTIFACT):
+            for path in figure_writer(manifest.modality)(model, batch, Path(tmp) / FIGURES_ARTIFACT):
                 self.client.log_artifact(self.run_id, str(path), FIGURES_ARTIFACT)
 
 
@@ -135,6 +135,11 @@ def write_dataset_info(model_dir: Path, manifest) -> Path:
     path = Path(model_dir) / DATASET_FILE
     info = {"class_names": manifest.class_names, "manifest_sha256": manifest.sha256(),
             "manifest": manifest.location}
+    if manifest.modality != "image":  # image models keep the file they always had
+        # the modality and its manifest section (series: channels, length, normalisation), as JSON, so that
+        # generation and evaluation can map the model's standardised outputs back to source units
+        info["modality"] = manifest.modality
+        info[manifest.modality] = manifest.data.get(manifest.modality)
     path.write_text(json.dumps(info, indent=2) + "\n")
     return path
 
@@ -149,6 +154,15 @@ def read_dataset_info(model_dir: str | Path) -> dict[str, Any] | None:
     except json.JSONDecodeError as exc:
         raise TrackingError(f"{path} is not valid JSON: {exc}") from None
     return info if isinstance(info, dict) else None
+
+
+def figure_writer(modality: str):
+    """The figures training logs for a dataset's modality: image grids, or series plots."""
+    if modality == "image":
+        return write_figures
+    from pipelines.series_figures import write_series_figures
+
+    return {"series": write_series_figures}[modality]
 
 
 def write_figures(model, batch: dict[str, torch.Tensor], folder: Path, seed: int = 0) -> list[Path]:
