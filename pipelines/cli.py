@@ -246,7 +246,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 GENERATE_FLAGS = {"out": "out", "num_samples": "num_samples", "per_class": "per_class", "seed": "seed",
                   "temperature": "temperature", "pixel_temperature": "pixel_temperature", "batch_size": "batch_size", "workers": "workers",
                   "gpu": "use_gpu", "overwrite": "overwrite", "filter_classifier": "filter_classifier",
-                  "filter_confidence": "filter_confidence"}
+                  "filter_confidence": "filter_confidence", "plots_per_class": "plots_per_class"}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -209,6 +209,9 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
                                "OUT/reference_classifier/) assigns to their label; needs --filter-confidence")
     generate.add_argument("--filter-confidence", type=finite_float, metavar="P",
                           help="the classifier probability, in (0, 1), a kept sample's label must reach")
+    generate.add_argument("--plots-per-class", type=int, metavar="N",
+                          help="series models: also write OUT/plots/CLASS/block-NNNNNN.png with N windows of each "
+                               f"class per block (default {g['plots_per_class']}: no plots)")
     generate.add_argument("--config", help="YAML config (configs/generate.yaml); flags and --set override it")
     generate.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                           help="override any config key, e.g. --set block_size=500 (repeatable)")

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from pipelines.batch.job import BatchJob, BlockWriter, block_seed, run_batch_job
 from pipelines.batch.model import (UNLABELLED, ModelInfo, label_folder, load_saved_model, load_worker_model,
-                                   model_class_names, model_request, to_uint8)
+                                   model_class_names, model_modality, model_request, to_uint8)
 from pipelines.batch.generate_config import GenerateConfig
 from pipelines.config import ConfigError
 from pipelines.batch.sample_filter import FilterInfo, SampleFilter, inspect_filter, summarize
@@ -201,8 +201,27 @@ class GenerateBlock:
         return torch.cat(latents), np.concatenate(pixels)
 
 
+def _series_generation(config: GenerateConfig) -> dict[str, Any]:
+    from pipelines.batch.generate_series import run_series_generation
+
+    return run_series_generation(config)
+
+
+# what a model trained on another modality generates with (its dataset.json's "modality"); images: below
+MODALITY_GENERATORS = {"series": _series_generation}
+
+
 def run_generation(config: GenerateConfig) -> dict[str, Any]:
     """Generate per `config` into `out` (resuming an interrupted run); returns where things are."""
+    modality = model_modality(config.model_dir) if Path(config.model_dir).is_dir() else "image"
+    if modality in MODALITY_GENERATORS:
+        return MODALITY_GENERATORS[modality](config)
+    if modality != "image":
+        raise ConfigError(f"model_dir {config.model_dir} was trained on {modality!r} data, which generate does "
+                          f"not know (known: image, {', '.join(MODALITY_GENERATORS)})")
+    if config.plots_per_class:
+        raise ConfigError("plots_per_class (--plots-per-class) applies to series models; image models write "
+                          "every sample as a PNG already")
     loaded, model = load_saved_model(config.model_dir)
     config = with_model_class_names(config, model)
     check_request_fits(config, loaded, config.model_dir)

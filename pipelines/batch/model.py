@@ -77,6 +77,14 @@ def model_class_names(model_dir: str) -> list[str] | None:
     return [str(n) for n in names] if names else None
 
 
+def model_modality(model_dir: str) -> str:
+    """What the model was trained on: its dataset.json's "modality", "image" when absent (image models,
+    and every model saved before other modalities existed)."""
+    from pipelines.registry.tracking import read_dataset_info
+
+    return str((read_dataset_info(model_dir) or {}).get("modality", "image"))
+
+
 def load_worker_model(model_dir: str, use_gpu: bool):
     """A worker's own copy of the model, on its GPU when it has one."""
     import vaemodels
