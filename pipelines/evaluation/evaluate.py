@@ -40,11 +40,23 @@ def _log(message: str) -> None:
     print(f"[evaluate] {message}", file=sys.stderr, flush=True)
 
 
+def _series_evaluation(config: EvaluateConfig, model, manifest: Manifest) -> dict[str, Any]:
+    from pipelines.evaluation.series_evaluate import run_series_evaluation
+
+    return run_series_evaluation(config, model, manifest)
+
+
+# a dataset's modality -> its evaluation (same config, same result keys); images: run_evaluation below
+MODALITY_EVALUATORS = {"series": _series_evaluation}
+
+
 def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     """Evaluate per `config`; returns the metrics, where the files are and how each part was measured."""
     started = time.perf_counter()
     model = vaemodels.load_model(config.model)  # eval mode, CPU
     manifest = read_manifest(config.data)
+    if manifest.modality in MODALITY_EVALUATORS:
+        return MODALITY_EVALUATORS[manifest.modality](config, model, manifest)
     num_classes = _check_fits(model, manifest, config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
