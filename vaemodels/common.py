@@ -147,6 +147,8 @@ class AutoEncoderModel(nn.Module):
     is_variational: ClassVar[bool] = False  # has a posterior q(z|x): kl, elbo, log_likelihood
     is_generative: ClassVar[bool] = False  # sample() draws new data
     is_conditional: ClassVar[bool] = False  # decode/sample take class labels
+    # the dataset modalities (a manifest's "modality") the family is built for; training refuses others
+    data_modalities: ClassVar[tuple[str, ...]] = ("image",)
     # optimizer group -> the loss key it minimizes; the loop backpropagates their sum once, so a
     # family with several groups must keep each key's gradient inside its own group (see vae_gan)
     optimizer_losses: ClassVar[dict[str, str]] = {"model": "loss"}

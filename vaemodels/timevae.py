@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 from torch import nn
 
@@ -84,7 +82,7 @@ class TimeVAE(VariationalModel):
     name = "timevae"
     description = "TimeVAE (Desai et al. 2021): 1-D conv VAE with a trend block, for series windows"
     config_class = TimeVAEConfig
-    code_extra: ClassVar[int] = 0  # one-hot width the conditional variant appends to codes
+    data_modalities = ("series",)
 
     def __init__(self, config: TimeVAEConfig, input_shape, num_classes=None):
         super().__init__(config, input_shape, num_classes)

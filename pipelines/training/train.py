@@ -39,6 +39,7 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None) -> dict[
     """Train per `config`; returns the MLflow run id, the checkpoint location and final metrics."""
     config = absolute_paths(config)
     manifest = read_manifest(config.data)
+    check_modality(config.model.name, manifest)
     validate_model_params(config, manifest.image_shape, manifest.num_classes or None)
     if config.train.batch_size > manifest.num_samples("train") // max(1, config.scaling.workers):
         raise ConfigError(f"train.batch_size={config.train.batch_size} is larger than each worker's share of "
@@ -55,6 +56,17 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None) -> dict[
                        parent_run_id=parent_run_id)
     save_run_info(root, run_name, config, run_id)
     return _fit(config, run_name, run_id)
+
+
+def check_modality(model_name: str, manifest) -> None:
+    """The family must be built for the dataset's modality (it says which: `data_modalities`)."""
+    import vaemodels
+
+    allowed = vaemodels.model_class(model_name).data_modalities
+    if manifest.modality not in allowed:
+        fitting = [n for n, cls in vaemodels.MODELS.items() if manifest.modality in cls.data_modalities]
+        raise ConfigError(f"model {model_name!r} is built for {'/'.join(allowed)} data, but {manifest.location} holds "
+                          f"{manifest.modality} data; use one of: {', '.join(fitting) or 'none registered'}")
 
 
 def resume_training(storage: str, run_name: str) -> dict[str, Any]:

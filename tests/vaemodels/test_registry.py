@@ -8,7 +8,7 @@ from pipelines.cli import main
 
 NAMES = list(vaemodels.MODELS)
 SERIES_NAMES = ["timevae", "ctimevae"]  # series windows (C x 1 x T): the same interface, tested in test_timevae.py
-IMAGE_NAMES = [n for n in NAMES if n not in SERIES_NAMES]
+IMAGE_NAMES = [n for n in NAMES if "image" in vaemodels.MODELS[n].data_modalities]
 
 
 def build(name, shape=(1, 8, 8)):
@@ -18,6 +18,7 @@ def build(name, shape=(1, 8, 8)):
 
 def test_all_families_are_registered(capsys):
     assert NAMES == ["ae", "dae", "vae", "beta_vae", "cvae", "vae_gan", "hvae", "vae_flow", "ssvae", *SERIES_NAMES]
+    assert [n for n in NAMES if "series" in vaemodels.MODELS[n].data_modalities] == SERIES_NAMES
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == NAMES

@@ -175,3 +175,11 @@ def test_image_manifests_without_modality_still_read(tmp_path):
     assert "modality" not in manifest.data and manifest.modality == "image"
     assert manifest.input_shape == manifest.image_shape == (1, 8, 8)
     assert next(iter(ShardStream(manifest, "train")))["image"].shape == (1, 8, 8)
+
+
+def test_training_an_image_family_on_series_is_refused_naming_the_fitting_ones(gunpoint, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--data", str(gunpoint), "--model", "cvae", "--workers", "0",
+                           "--storage", str(tmp_path / "runs"))
+    assert code == 2
+    line = one_error_line(err)
+    assert "built for image data" in line and "holds series data" in line and "timevae, ctimevae" in line
