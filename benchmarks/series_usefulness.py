@@ -89,7 +89,12 @@ def section(source: str, epochs: int, steps: int, runs: list[dict], stats: dict)
         f"{stats['cas_ratio']['median']:.3f}). The discriminative score is reported beside its real-vs-real "
         "baseline: the baseline is what a perfect generator would score with this much data; the gap between "
         "the two is what a discriminator can still see (1-D CNN, TimeGAN's recipe with a CNN in place of the "
-        "GRU, see pipelines/evaluation/series_metrics.py).",
+        "GRU, see pipelines/evaluation/series_metrics.py). Read it plainly: a discriminative score of "
+        f"{stats['discriminative_score']['median']:.3f} means the discriminator tells synthetic from real on about "
+        f"{50 + 100 * stats['discriminative_score']['median']:.0f}% of held-out windows, so the synthetic windows are "
+        "useful for classification but not indistinguishable. The baseline pairs real train with the smaller real "
+        "val split (equal numbers of each, so 20% of the val count held out per side: a coarser score, steps of "
+        "1 / (2 x held-out windows)), the score pairs real train with as many synthetic windows.",
         "",
         "Per run: " + "; ".join(f"seed {r['seed']}: TRTR {r['trtr_accuracy']:.3f}, TSTR {r['tstr_accuracy']:.3f}, "
                                 f"disc {r['discriminative_score']:.3f} (base {r['discriminative_score_real_baseline']:.3f})"

@@ -297,3 +297,9 @@ def test_other_request_is_refused_unless_overwrite(generated, cvae_dir, tmp_path
     replaced = run_generation(request(cvae_dir, unfinished, per_class=3, overwrite=True))
     assert replaced["total"] == 30 and len(list((unfinished / "images").rglob("*.png"))) == 30
     assert verify_files(unfinished) == []
+
+
+def test_plots_per_class_is_for_series_models_only(cvae_dir, tmp_path):
+    with pytest.raises(ConfigError, match="plots_per_class .* applies to series models"):
+        run_generation(request(cvae_dir, tmp_path / "o", plots_per_class=2))
+    assert not (tmp_path / "o").exists()
