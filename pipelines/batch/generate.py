@@ -41,8 +41,11 @@ SCHEMA = pa.schema([
     ("class_name", pa.string()),  # the label's class name (the images/ folder); null when the model has none
 ])
 PARQUET_OPTIONS = {"compression": "zstd", "write_statistics": ["block_seed", "sample_index", "id"]}
-# model modality -> its block function ("module:Class", with `owned_dirs`); images: GenerateBlock below
-BLOCK_FNS = {"table": "pipelines.batch.table_generate:TableGenerateBlock"}
+# model modality -> its block function ("module:Class", with `owned_dirs` and `plan(config, info, model,
+# request) -> (request, block kwargs, manifest metadata)`; optionally `result_keys(plan)`); images:
+# GenerateBlock below
+BLOCK_FNS = {"table": "pipelines.batch.table_generate:TableGenerateBlock",
+             "series": "pipelines.batch.generate_series:SeriesGenerateBlock"}
 
 
 DATE_PLACEHOLDER = "{date}"
@@ -283,22 +286,30 @@ def plan_generation(config: GenerateConfig, today: datetime.date | None = None) 
     loaded, model = load_saved_model(config.model_dir)
     config = with_model_class_names(config, model)
     check_request_fits(config, loaded, config.model_dir)
+    block_fn, owned_dirs, metadata = GenerateBlock, ("parquet", "images"), {
+        "image_shape": list(model.input_shape), "columns": [f.name for f in SCHEMA]}
+    if loaded.modality in BLOCK_FNS:
+        module, _, name = BLOCK_FNS[loaded.modality].partition(":")
+        block_fn = getattr(importlib.import_module(module), name)
+        owned_dirs = block_fn.owned_dirs
+        if config.image_format != "png":
+            raise ConfigError(f"image_format={config.image_format!r} is for image models; the {model.name!r} model "
+                              f"in {config.model_dir} makes {loaded.modality} data (Parquet only)")
+        if config.filter_classifier is not None and not getattr(block_fn, "takes_filter", True):
+            raise ConfigError(f"filter_classifier (--filter-classifier) takes an image reference classifier; it "
+                              f"does not apply to {loaded.modality} models")
+    if config.plots_per_class and "plots" not in owned_dirs:
+        raise ConfigError(f"plots_per_class (--plots-per-class) applies to series models; the {model.name!r} "
+                          f"model in {config.model_dir} makes {loaded.modality} data")
     sample_filter = None
     if config.filter_classifier is not None:
         sample_filter = inspect_filter(config.filter_classifier, config.filter_confidence, model.name,
                                        model.input_shape, model.num_classes, model_class_names(config.model_dir))
     out = Path(config.out).resolve()
     request = generation_request(config, model, sample_filter)
-    block_fn, owned_dirs, metadata = GenerateBlock, ("parquet", "images"), {
-        "image_shape": list(model.input_shape), "columns": [f.name for f in SCHEMA]}
-    if loaded.modality in BLOCK_FNS:
-        module, _, name = BLOCK_FNS[loaded.modality].partition(":")
-        block_fn = getattr(importlib.import_module(module), name)
-        owned_dirs, metadata = block_fn.owned_dirs, {"modality": loaded.modality, "columns": list(
-            dict.fromkeys([c["name"] for c in loaded.input_spec()["columns"]] + [loaded.input_spec()["label"]]))}
-        if config.image_format != "png":
-            raise ConfigError(f"image_format={config.image_format!r} is for image models; the {model.name!r} model "
-                              f"in {config.model_dir} makes {loaded.modality} data (Parquet only)")
+    extra_kwargs: dict[str, Any] = {}
+    if block_fn is not GenerateBlock:
+        request, extra_kwargs, metadata = block_fn.plan(config, model, loaded, request)
     job = BatchJob(
         name="generate",
         out=out,
@@ -313,6 +324,7 @@ def plan_generation(config: GenerateConfig, today: datetime.date | None = None) 
             "class_names": list(config.class_names) if config.class_names is not None else None,
             **({"filter_classifier": sample_filter.classifier, "filter_confidence": sample_filter.confidence}
                if sample_filter is not None else {}),
+            **extra_kwargs,
         },
         owned_dirs=owned_dirs,
         workers=config.workers,
@@ -354,6 +366,7 @@ def generation_result(plan: GenerationPlan, result: BatchResult) -> dict[str, An
         "date": (manifest.get("schedule") or {}).get("date"),
         # the MLflow run that recorded this dataset (a skipped rerun: the first run's); None when untracked
         "lineage_run_id": (manifest.get("lineage") or {}).get("run_id"),
+        **(plan.job.block_fn.result_keys(plan) if hasattr(plan.job.block_fn, "result_keys") else {}),
     }
 
 

@@ -64,6 +64,7 @@ class GenerateConfig:
     # EvaluateConfig keys for that evaluation (e.g. classifier_steps, seeds, augmentation_fractions); checked
     # against EvaluateConfig before anything is written
     evaluation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    plots_per_class: int = 0  # series models: PNG plots of this many windows per class and block (0 = none)
 
     def __post_init__(self) -> None:
         if (self.num_samples is None) == (self.per_class is None):
@@ -94,6 +95,7 @@ class GenerateConfig:
              f"got only {'filter_classifier' if self.filter_classifier is not None else 'filter_confidence'}"),
             (self.filter_classifier is None or bool(self.filter_classifier),
              "filter_classifier must name a saved reference classifier folder"),
+            (self.plots_per_class >= 0, f"plots_per_class must be >= 0, got {self.plots_per_class}"),
             (self.filter_confidence is None or 0 < self.filter_confidence < 1,
              f"filter_confidence must be in (0, 1), got {self.filter_confidence}"),
         ]

@@ -46,6 +46,15 @@ class TableGenerateBlock:
 
     owned_dirs = ("parquet",)
 
+    @classmethod
+    def plan(cls, config, info, model, request: dict[str, Any]
+             ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """generate.plan_generation's table part: the request as is, no extra block arguments, and the
+        manifest's modality and columns (the spec's, then its label)."""
+        spec = model.input_spec()
+        return request, {}, {"modality": model.modality,
+                             "columns": list(dict.fromkeys([c["name"] for c in spec["columns"]] + [spec["label"]]))}
+
     def __init__(self, model_dir: str, use_gpu: bool, batch_size: int, temperature: float, seed: int,
                  provenance: dict[str, str], class_names: list[str] | None, **_: Any):
         self.model = load_worker_model(model_dir, use_gpu)

@@ -16,9 +16,12 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 # modality (the manifest's "modality" key; absent = "image", as every manifest before it) -> the keys it
 # must hold besides format_version, class_names and splits
-MODALITY_KEYS = {"image": ("image_shape",), "table": ("table",)}
+MODALITY_KEYS = {"image": ("image_shape",), "table": ("table",),
+                 "series": ("input_shape", "series")}
 # modality -> what vaemodels.build takes as input_shape for a dataset of it
-MODEL_INPUTS = {"image": lambda data: tuple(data["image_shape"]), "table": lambda data: data["table"]}
+MODEL_INPUTS = {"image": lambda data: tuple(data["image_shape"]), "table": lambda data: data["table"],
+                # a series window is C x 1 x T: the image-shaped input the series families take
+                "series": lambda data: tuple(data["input_shape"])}
 
 
 class ManifestError(ValueError):
@@ -44,8 +47,8 @@ class Manifest:
 
     @property
     def model_input(self) -> Any:
-        """What `vaemodels.build` takes as input_shape for this dataset: the image shape (C, H, W), or a
-        table's spec (schema + fitted column transformer)."""
+        """What `vaemodels.build` takes as input_shape for this dataset: the image shape (C, H, W), a
+        table's spec (schema + fitted column transformer), or a series window's shape C x 1 x T."""
         return MODEL_INPUTS[self.modality](self.data)
 
     @property

@@ -267,7 +267,7 @@ class ShardStream(IterableDataset):
 
     def _decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         out = {
-            "image": decode_png(sample["png"]),
+            "image": self._decode_input(sample),  # the model's input (series streams: a window C x 1 x T)
             "label": torch.tensor(int(sample["cls"]), dtype=torch.long),
             "index": torch.tensor(int(sample["__key__"]), dtype=torch.long),  # position in the source
         }
@@ -275,9 +275,14 @@ class ShardStream(IterableDataset):
             out["factors"] = torch.tensor(json.loads(sample["json"])["factors"], dtype=torch.float32)
         return out
 
+    def _decode_input(self, sample: dict[str, Any]) -> torch.Tensor:
+        """A sample's model input; streams of other image-shaped modalities (series) override it."""
+        return decode_png(sample["png"])
+
 
 # modality -> its stream class ("module:Class"), each keeping ShardStream's per-rank contract
-STREAMS = {"image": "pipelines.data.reader:ShardStream", "table": "pipelines.data.table_reader:TableStream"}
+STREAMS = {"image": "pipelines.data.reader:ShardStream", "table": "pipelines.data.table_reader:TableStream",
+           "series": "pipelines.data.series_reader:SeriesStream"}
 
 
 def open_stream(manifest: Manifest | str, split: str, *args: Any, **kwargs: Any) -> ShardStream:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pipelines.config import ConfigError
-from pipelines.data import ShardStream
+from pipelines.data import open_stream
 from pipelines.data.manifest import Manifest
 from pipelines.data.reader import decode_png
 from pipelines.evaluation.metrics import stratified_subset
@@ -35,7 +35,7 @@ def load_split(manifest: Manifest, split: str, limit: int, seed: int = 0) -> Spl
     no bias from sources whose shards are sorted by class (imagefolder)."""
     rng = np.random.default_rng(seed)
     kept: list[dict[str, torch.Tensor]] = []
-    for seen, sample in enumerate(ShardStream(manifest, split, shuffle_buffer=0)):
+    for seen, sample in enumerate(open_stream(manifest, split, shuffle_buffer=0)):  # the modality's stream
         if len(kept) < limit:
             kept.append(sample)
         elif (slot := int(rng.integers(0, seen + 1))) < limit:

@@ -35,7 +35,8 @@ METRICS_NAME, REPORT_NAME = "metrics.json", "report.html"
 CLASSIFIER_DIR = "reference_classifier"  # OUT/<this>: the reference classifier (generate --filter-classifier takes it)
 IWAE_BATCH = 16  # images per IWAE pass: k samples each, so k x 16 decodes at once
 # dataset modality -> its evaluator ("module:function", called with (config, model, manifest)); images: below
-EVALUATORS = {"table": "pipelines.evaluation.table_evaluate:run_table_evaluation"}
+EVALUATORS = {"table": "pipelines.evaluation.table_evaluate:run_table_evaluation",
+              "series": "pipelines.evaluation.series_evaluate:run_series_evaluation"}
 
 
 def _log(message: str) -> None:
@@ -53,7 +54,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         module, _, function = EVALUATORS[manifest.modality].partition(":")
         return getattr(importlib.import_module(module), function)(config, model, manifest)
     if model.modality != manifest.modality:
-        raise ConfigError(f"the {model.name!r} model reads {model.modality}s but {manifest.location} is an "
+        raise ConfigError(f"the {model.name!r} model reads {model.modality} data but {manifest.location} is an "
                           f"{manifest.modality} dataset")
     num_classes = _check_fits(model, manifest, config)
     out = Path(config.out)

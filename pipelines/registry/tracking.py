@@ -133,7 +133,12 @@ class RunTracker:
 
 
 # modality -> the training run's figure writer ("module:function"; images: write_figures below)
-FIGURE_WRITERS = {"table": "pipelines.evaluation.table_report:write_training_figures"}
+FIGURE_WRITERS = {"table": "pipelines.evaluation.table_report:write_training_figures",
+                  "series": "pipelines.series_figures:write_series_figures"}
+# modalities whose manifest section a model folder's dataset.json carries (series: channels, length and
+# normalisation, which generate needs to map outputs back to source units); a table model's spec is in
+# its config.json already, and image models keep the file they always had
+DATASET_INFO_SECTIONS = ("series",)
 
 
 def write_dataset_info(model_dir: Path, manifest) -> Path:
@@ -142,6 +147,9 @@ def write_dataset_info(model_dir: Path, manifest) -> Path:
     path = Path(model_dir) / DATASET_FILE
     info = {"class_names": manifest.class_names, "manifest_sha256": manifest.sha256(),
             "manifest": manifest.location}
+    if manifest.modality in DATASET_INFO_SECTIONS:
+        info["modality"] = manifest.modality
+        info[manifest.modality] = manifest.data.get(manifest.modality)
     path.write_text(json.dumps(info, indent=2) + "\n")
     return path
 

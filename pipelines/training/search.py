@@ -24,7 +24,7 @@ from pipelines.config import ConfigError, set_dotted
 from pipelines.data import read_manifest
 from pipelines.registry.tracking import connect, end_run, start_run
 from pipelines.ray_runtime import ensure_ray
-from pipelines.training.train import final_metrics
+from pipelines.training.train import check_modality, final_metrics
 from pipelines.training.config import TrainConfig, validate_model_params
 from pipelines.training.search_config import AXES, TuneConfig
 
@@ -144,6 +144,7 @@ def train_trial(point: dict[str, Any], base: dict[str, Any], parent_run_id: str,
         if error is not None:
             raise error
         manifest = read_manifest(config.data)
+        check_modality(config.model.name, manifest)
         validate_model_params(config, manifest.model_input, manifest.num_classes or None)
         session = RayTuneSession(config.scaling.use_gpu, metric=metric)
         run_loop({**config.to_dict(), "mlflow_run_id": run_id}, session)

@@ -39,6 +39,7 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None) -> dict[
     """Train per `config`; returns the MLflow run id, the checkpoint location and final metrics."""
     config = absolute_paths(config)
     manifest = read_manifest(config.data)
+    check_modality(config.model.name, manifest)
     validate_model_params(config, manifest.model_input, manifest.num_classes or None)
     if config.train.batch_size > manifest.num_samples("train") // max(1, config.scaling.workers):
         raise ConfigError(f"train.batch_size={config.train.batch_size} is larger than each worker's share of "
@@ -55,6 +56,17 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None) -> dict[
                        parent_run_id=parent_run_id)
     save_run_info(root, run_name, config, run_id)
     return _fit(config, run_name, run_id)
+
+
+def check_modality(model_name: str, manifest) -> None:
+    """The family must read the dataset's modality (the model's `modality` class attribute says which)."""
+    import vaemodels
+
+    modality = vaemodels.model_class(model_name).modality
+    if manifest.modality != modality:
+        fitting = [n for n, cls in vaemodels.MODELS.items() if cls.modality == manifest.modality]
+        raise ConfigError(f"model {model_name!r} is built for {modality} data, but {manifest.location} holds "
+                          f"{manifest.modality} data; use one of: {', '.join(fitting) or 'none registered'}")
 
 
 def resume_training(storage: str, run_name: str) -> dict[str, Any]:

@@ -373,3 +373,9 @@ def test_a_yaml_date_is_a_day(cvae_dir, tmp_path):
 
     data = apply_overrides({"model_dir": cvae_dir, "out": str(tmp_path / "{date}"), "per_class": 1}, ["date=2026-03-09"])
     assert GenerateConfig.from_dict(data).date == "2026-03-09"
+
+
+def test_plots_per_class_is_for_series_models_only(cvae_dir, tmp_path):
+    with pytest.raises(ConfigError, match="plots_per_class .* applies to series models"):
+        run_generation(request(cvae_dir, tmp_path / "o", plots_per_class=2))
+    assert not (tmp_path / "o").exists()
