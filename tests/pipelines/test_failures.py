@@ -619,7 +619,7 @@ def test_the_failure_table_names_every_test_here_and_only_tests_that_exist():
     named = set(re.findall(r"`(?:tests/[\w/]+\.py::)?(test_\w+)", table))
     sources = "".join((root / "tests" / "pipelines" / f).read_text()
                       for f in ("test_failures.py", "registry/test_registry.py", "data/test_build.py",
-                                "registry/test_lineage.py"))
+                                "registry/test_lineage.py", "data/test_tables.py", "data/test_series.py"))
     defined = set(re.findall(r"^def (test_\w+)", sources, re.M))
     assert named - defined == set()
     here = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text(), re.M))
