@@ -17,7 +17,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import webdataset as wds
@@ -132,25 +132,34 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
     source = open_source(config.source, config.limit, config.seed, config.image_size)
     splits = split_indices(source.num_samples, config.val_fraction, config.seed)
 
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "source": config.source,
+        "seed": config.seed,
+        "image_shape": list(source.image_shape),
+        "class_names": source.class_names,
+        "sample_order": SAMPLE_ORDER,
+        "splits": {},
+    }
+    if source.factor_names:
+        manifest["factors"] = {"names": source.factor_names, "values": source.factor_values}
+    return write_staged(out, manifest, splits,
+                        lambda split, indices, staging: _write_split(source, split, indices, staging, config.shard_size))
+
+
+def write_staged(out: Path, manifest: dict[str, Any], splits: dict[str, np.ndarray],
+                 write_split: Callable[[str, np.ndarray, Path], list[dict[str, Any]]]) -> dict[str, Any]:
+    """The atomic build every modality shares: a staging folder beside `out`, each split's shards from
+    `write_split(split, indices, staging)` (their manifest entries), the manifest written last, then
+    the swap into place. On any failure the staging folder is removed and `out` is left as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
     staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out, 'building')}-", dir=out.parent))
     try:
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700: the dataset must be readable by others
-        manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "source": config.source,
-            "seed": config.seed,
-            "image_shape": list(source.image_shape),
-            "class_names": source.class_names,
-            "sample_order": SAMPLE_ORDER,
-            "splits": {},
-        }
-        if source.factor_names:
-            manifest["factors"] = {"names": source.factor_names, "values": source.factor_values}
         for split, indices in splits.items():
-            shards = _write_split(source, split, indices, staging, config.shard_size)
-            manifest["splits"][split] = {"num_samples": int(len(indices)), "shards": shards}
+            manifest["splits"][split] = {"num_samples": int(len(indices)),
+                                         "shards": write_split(split, indices, staging)}
         # the manifest is the last file written: its presence means every shard it lists is complete
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_into_place(staging, out)

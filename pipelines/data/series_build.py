@@ -9,10 +9,7 @@ per epoch, tallies corrupt shards and verifies sha256 sums; series reuse all of 
 """
 from __future__ import annotations
 
-import json
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +17,8 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from pipelines.data.build import (SAMPLE_ORDER, BuildConfig, _staging_prefix, _swap_into_place, _umask, check_out,
-                                  remove_stale_staging, split_indices)
-from pipelines.data.manifest import FORMAT_VERSION, MANIFEST_NAME, file_sha256
+from pipelines.data.build import SAMPLE_ORDER, BuildConfig, check_out, split_indices, write_staged
+from pipelines.data.manifest import FORMAT_VERSION, file_sha256
 from pipelines.data.series import SeriesOptions, SeriesSource, encode_window, open_series_source
 from pipelines.data.sources import SourceError
 
@@ -93,40 +89,28 @@ def build_series_dataset(config: SeriesBuildConfig) -> dict[str, Any]:
     mean, std = channel_statistics(source.values[splits["train"]])
     channels, length = source.values.shape[1:]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out)
-    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out, 'building')}-", dir=out.parent))
-    try:
-        staging.chmod(0o777 & ~_umask())
-        options = config.options
-        manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "modality": MODALITY,
-            "source": build.source,
-            "seed": build.seed,
-            "input_shape": [int(channels), 1, int(length)],  # what a model sees: C x 1 x T
-            "class_names": source.class_names,
-            "series": {
-                "channels": int(channels),
-                "length": int(length),
-                "channel_names": source.channel_names,
-                "layout": options.layout if not build.source.startswith("aeon:") else None,
-                "window": options.window,
-                "stride": (options.stride or options.window) if options.window else None,
-                "num_series": int(len(np.unique(source.series_of))),
-                # the reader standardises each channel with these (train split); generation maps back
-                "normalisation": {"mean": mean, "std": std},
-            },
-            "sample_order": {**SAMPLE_ORDER, "method": "seeded split by series, then a seeded permutation of "
-                                                       "each split's windows (numpy default_rng(seed + 2))"},
-            "splits": {},
-        }
-        for split, indices in splits.items():
-            shards = _write_split(source, split, indices, staging, build.shard_size)
-            manifest["splits"][split] = {"num_samples": int(len(indices)), "shards": shards}
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        _swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return manifest
+    options = config.options
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "modality": MODALITY,
+        "source": build.source,
+        "seed": build.seed,
+        "input_shape": [int(channels), 1, int(length)],  # what a model sees: C x 1 x T
+        "class_names": source.class_names,
+        "series": {
+            "channels": int(channels),
+            "length": int(length),
+            "channel_names": source.channel_names,
+            "layout": options.layout if not build.source.startswith("aeon:") else None,
+            "window": options.window,
+            "stride": (options.stride or options.window) if options.window else None,
+            "num_series": int(len(np.unique(source.series_of))),
+            # the reader standardises each channel with these (train split); generation maps back
+            "normalisation": {"mean": mean, "std": std},
+        },
+        "sample_order": {**SAMPLE_ORDER, "method": "seeded split by series, then a seeded permutation of "
+                                                   "each split's windows (numpy default_rng(seed + 2))"},
+        "splits": {},
+    }
+    return write_staged(out, manifest, splits,
+                        lambda split, indices, staging: _write_split(source, split, indices, staging, build.shard_size))

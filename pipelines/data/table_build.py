@@ -11,10 +11,7 @@ writes, and is what every table tool reads; a shard is still one file with one s
 """
 from __future__ import annotations
 
-import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.data.build import (SAMPLE_ORDER, _staging_prefix, _swap_into_place, _umask, check_out,
-                                  remove_stale_staging, split_indices)
-from pipelines.data.manifest import FORMAT_VERSION, MANIFEST_NAME, file_sha256
+from pipelines.data.build import SAMPLE_ORDER, check_out, split_indices, write_staged
+from pipelines.data.manifest import FORMAT_VERSION, file_sha256
 from pipelines.data.sources import SourceError
 from pipelines.data.table_source import TableSource, open_table_source, parse_column_types
 from pipelines.data.table_transform import fit_columns
@@ -49,32 +45,20 @@ def build_table_dataset(config) -> dict[str, Any]:
     print(f"[data] {source.name}: {source.num_samples} rows, {len(columns)} columns ({kinds}), "
           f"label {source.label!r}", file=sys.stderr)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out)
-    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out, 'building')}-", dir=out.parent))
-    try:
-        staging.chmod(0o777 & ~_umask())
-        manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "modality": "table",
-            "source": config.source,
-            "seed": config.seed,
-            "class_names": source.class_names,
-            "sample_order": SAMPLE_ORDER,
-            # what a table model is built from (vaemodels.tvae): the schema with the fitted transformer
-            "table": {"label": source.label, "label_dtype": source.label_dtype, "class_names": source.class_names,
-                      "columns": columns, "index_column": INDEX_COLUMN},
-            "splits": {},
-        }
-        for split, indices in splits.items():
-            shards = _write_split(source, split, indices, staging, config.shard_size)
-            manifest["splits"][split] = {"num_samples": int(len(indices)), "shards": shards}
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        _swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return manifest
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "modality": "table",
+        "source": config.source,
+        "seed": config.seed,
+        "class_names": source.class_names,
+        "sample_order": SAMPLE_ORDER,
+        # what a table model is built from (vaemodels.tvae): the schema with the fitted transformer
+        "table": {"label": source.label, "label_dtype": source.label_dtype, "class_names": source.class_names,
+                  "columns": columns, "index_column": INDEX_COLUMN},
+        "splits": {},
+    }
+    return write_staged(out, manifest, splits,
+                        lambda split, indices, staging: _write_split(source, split, indices, staging, config.shard_size))
 
 
 def _write_split(source: TableSource, split: str, indices: np.ndarray, folder: Path,
