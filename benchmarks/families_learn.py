@@ -23,6 +23,7 @@ import torch
 import vaemodels
 from benchmarks.report import update_section
 from pipelines.data import BuildConfig, ShardStream, build_dataset
+from pipelines.data.manifest import read_manifest
 from pipelines.training.sessions import LocalSession
 from pipelines.training.loop import run_loop
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             val = list(ShardStream(str(data), "val", shuffle_buffer=0))[:EVAL_IMAGES]
             images = torch.stack([s["image"] for s in val])
             labels = torch.tensor([int(s["label"]) for s in val])
-            num_classes = int(json.loads((data / "manifest.json").read_text())["num_classes"])
+            num_classes = read_manifest(str(data)).num_classes
             for name in args.families.split(","):
                 row = {"dataset": dataset, **one_family(name, data, args.steps, args.k, images, labels,
                                                         tuple(images.shape[1:]), num_classes)}
