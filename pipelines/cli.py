@@ -5,10 +5,13 @@ chain commands. Errors in user input exit with status 2 and a one-line message n
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import json
 import math
+import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -444,10 +447,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The `vaepipe` console script: `main()`, then a quick exit. Tearing down every module torch,
+    MLflow and Ray imported took ~1 s of a 12-s `train --workers 0` process on 2 cores; exit
+    handlers (Ray's shutdown, logging, temp folders) still run, and the normal exit is kept while
+    a non-daemon thread is alive (it would be killed)."""
+    code = main()
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if others:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code or 0))
+
+
 def one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

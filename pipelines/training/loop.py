@@ -20,7 +20,7 @@ import torch.distributed as dist
 import vaemodels
 from pipelines.training.checkpoints import TrainingState, restore_checkpoint, write_checkpoint
 from pipelines.data import ReaderConfig, make_loader, read_manifest
-from pipelines.data.reader import batches_per_epoch
+from pipelines.data.reader import batches_per_epoch, open_stream
 from pipelines.training.sessions import LocalSession, RayTrainSession, Session
 from pipelines.training.step import make_optimizers, set_lr, total_loss, update
 from pipelines.training.config import TrainConfig
@@ -127,11 +127,14 @@ def evaluate(model: vaemodels.AutoEncoderModel, manifest, reader: ReaderConfig, 
     if manifest.num_samples("val") < world:
         return {}
     model.eval()
-    val_reader = ReaderConfig(batch_size=1, num_loader_workers=0, shuffle_buffer=0, seed=reader.seed)
-    loader = make_loader(manifest, "val", val_reader, rank=rank, world_size=world)
+    # every sample of the rank's share, in shard order, read in this process (no DataLoader: a
+    # batch-size-1 loader spent more time collating than the model spent on the whole split)
+    stream = open_stream(manifest, "val", rank, world, shuffle_buffer=0, seed=reader.seed,
+                         max_bad_fraction=reader.max_bad_fraction, num_loader_workers=1,
+                         open_shards=reader.open_shards, cache_bytes=reader.cache_bytes)
     sums: dict[str, float] = {}
     count, mu_sum, mu_sq_sum = 0, None, None
-    for chunk in _rebatch(loader, reader.batch_size):
+    for chunk in _batches(stream, reader.batch_size):
         chunk = {k: v.to(device) for k, v in chunk.items()}
         n = len(chunk[model.input_key])
         for key, value in model.loss(chunk).items():
@@ -155,16 +158,16 @@ def evaluate(model: vaemodels.AutoEncoderModel, manifest, reader: ReaderConfig, 
     return out
 
 
-def _rebatch(loader, batch_size: int):
-    """Group a batch-size-1 loader (which yields every sample of the rank's share) into batches."""
+def _batches(samples, batch_size: int):
+    """Stack single samples (a stream's dicts of tensors) into batches; the last one may be short."""
     buffer: list[dict[str, torch.Tensor]] = []
-    for item in loader:
+    for item in samples:
         buffer.append(item)
         if len(buffer) == batch_size:
-            yield {k: torch.cat([b[k] for b in buffer]) for k in buffer[0]}
+            yield {k: torch.stack([b[k] for b in buffer]) for k in buffer[0]}
             buffer = []
     if buffer:
-        yield {k: torch.cat([b[k] for b in buffer]) for k in buffer[0]}
+        yield {k: torch.stack([b[k] for b in buffer]) for k in buffer[0]}
 
 
 def _all_finite(total: torch.Tensor, world: int) -> bool:
