@@ -5,6 +5,7 @@ before anything starts; past this point code trusts its config.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -28,6 +29,9 @@ def __getattr__(name: str) -> Any:  # `from pipelines.config import ConfigError`
     if name == "ConfigError":
         return config_error()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -129,6 +133,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         items = [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if hint is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string; it is a number to a user
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise config_error()(f"{key} must be a number, got {type(value).__name__} {value!r}")
         return float(value)

@@ -169,6 +169,16 @@ def end_run(tracking_uri: str, run_id: str, status: str) -> None:
     connect(tracking_uri).set_terminated(run_id, status=status)
 
 
+def log_metric_batch(client, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """One epoch's metrics in one request, stamped now."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
 class RunTracker:
     """What rank 0 logs into an existing run."""
 
@@ -177,28 +187,36 @@ class RunTracker:
         self.run_id = run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-        import time
+        log_metric_batch(self.client, self.run_id, metrics, step)
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def log_artifact(self, local_path: str, artifact_path: str) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
     def log_final_artifacts(self, model, manifest, device: torch.device) -> None:
-        from pipelines.data import ReaderConfig, make_loader
-        from vaemodels import save_model
+        log_final_artifacts(self, model, manifest, device)
 
-        model.eval()
-        loader = make_loader(manifest, "val" if manifest.num_samples("val") >= 16 else "train",
-                             ReaderConfig(batch_size=16, shuffle_buffer=0))
-        batch = {k: v.to(device) for k, v in next(iter(loader)).items()}
-        with tempfile.TemporaryDirectory() as tmp:
-            save_model(model, Path(tmp) / MODEL_ARTIFACT)
-            write_dataset_info(Path(tmp) / MODEL_ARTIFACT, manifest)
-            self.client.log_artifacts(self.run_id, str(Path(tmp) / MODEL_ARTIFACT), MODEL_ARTIFACT)
-            write = FIGURE_WRITERS.get(model.modality, "pipelines.registry.tracking:write_figures")
-            module, _, function = write.partition(":")
-            for path in getattr(importlib.import_module(module), function)(model, batch, Path(tmp) / FIGURES_ARTIFACT):
-                self.client.log_artifact(self.run_id, str(path), FIGURES_ARTIFACT)
+
+def log_final_artifacts(tracker, model, manifest, device: torch.device) -> None:
+    """The final weights (with dataset.json) and the run's figures, through `tracker`'s
+    `log_artifacts` / `log_artifact` (a RunTracker here, or the fast path's tracking process)."""
+    from pipelines.data import ReaderConfig, make_loader
+    from vaemodels import save_model
+
+    model.eval()
+    loader = make_loader(manifest, "val" if manifest.num_samples("val") >= 16 else "train",
+                         ReaderConfig(batch_size=16, shuffle_buffer=0))
+    batch = {k: v.to(device) for k, v in next(iter(loader)).items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, Path(tmp) / MODEL_ARTIFACT)
+        write_dataset_info(Path(tmp) / MODEL_ARTIFACT, manifest)
+        tracker.log_artifacts(str(Path(tmp) / MODEL_ARTIFACT), MODEL_ARTIFACT)
+        write = FIGURE_WRITERS.get(model.modality, "pipelines.registry.tracking:write_figures")
+        module, _, function = write.partition(":")
+        for path in getattr(importlib.import_module(module), function)(model, batch, Path(tmp) / FIGURES_ARTIFACT):
+            tracker.log_artifact(str(path), FIGURES_ARTIFACT)
 
 
 # modality -> the training run's figure writer ("module:function"; images: write_figures below)

@@ -52,11 +52,13 @@ class LocalSession(Session):
     Checkpoints are folders `checkpoint_NNNNNN` (0, 1, ... in report order). With `checkpoint_root`
     (`vaepipe train --workers 0`) they live there, the newest `keep` of them kept, and a new session
     in the same folder resumes from the newest, as Ray Train does from its storage; without it they
-    all go to a temporary folder (tests, benchmarks).
+    all go to a temporary folder (tests, benchmarks). `run_tracker` replaces the RunTracker the loop
+    would open (`vaepipe train --workers 0` logs through a tracking process).
     """
 
     def __init__(self, resume_from: str | Path | None = None, use_gpu: bool = False,
-                 checkpoint_root: str | Path | None = None, keep: int | None = None):
+                 checkpoint_root: str | Path | None = None, keep: int | None = None, run_tracker=None):
+        self._run_tracker = run_tracker  # given: rank 0 logs through it (the fast path's tracking process)
         self.reports: list[dict[str, Any]] = []
         self._dir = Path(checkpoint_root) if checkpoint_root else Path(tempfile.mkdtemp(prefix="vaepipe-local-ckpt-"))
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -73,6 +75,9 @@ class LocalSession(Session):
 
     def get_checkpoint(self):
         return self._latest
+
+    def tracker(self, config, run_id: str | None):
+        return self._run_tracker if self._run_tracker is not None else super().tracker(config, run_id)
 
     def report(self, metrics, checkpoint_dir):
         self.reports.append(dict(metrics))

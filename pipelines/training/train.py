@@ -14,8 +14,7 @@ from typing import Any
 
 import fsspec
 
-from pipelines.config import ConfigError
-from pipelines.data import read_manifest
+from pipelines.config import config_error
 from pipelines.ray_runtime import ensure_ray
 from pipelines.registry.tracking import end_run, start_run
 from pipelines.training.config import TrainConfig, validate_model_params
@@ -38,24 +37,45 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
 def run_training(config: TrainConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Train per `config`; returns the MLflow run id, the checkpoint location and final metrics."""
     config = absolute_paths(config)
-    manifest = read_manifest(config.data)
-    check_modality(config.model.name, manifest)
-    validate_model_params(config, manifest.model_input, manifest.num_classes or None)
-    if config.train.batch_size > manifest.num_samples("train") // max(1, config.scaling.workers):
-        raise ConfigError(f"train.batch_size={config.train.batch_size} is larger than each worker's share of "
-                          f"the {manifest.num_samples('train')} training samples")
-    if manifest.num_samples("val") < config.scaling.workers:
-        # without val metrics there is no val_elbo for `register`'s champion gate or `tune` to compare
-        raise ConfigError(f"{manifest.location} has {manifest.num_samples('val')} val samples, fewer than the "
-                          f"{config.scaling.workers} worker(s); rebuild it with --val-fraction > 0")
-    root = storage_root(config)
-    run_name = config.name or f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = start_run(config.tracking_uri(), config.tracking.experiment, run_name, config.to_dict(),
-                       {"dataset_sha256": manifest.sha256(), "dataset": manifest.location,
-                        "model": config.model.name, "vaepipe.storage": f"{root}/{run_name}"},
-                       parent_run_id=parent_run_id)
-    save_run_info(root, run_name, config, run_id)
-    return _fit(config, run_name, run_id)
+    # --workers 0: MLflow starts in its own process now, while the checks below import torch
+    sidecar = start_local_tracking(config) if config.scaling.workers == 0 else None
+    try:
+        from pipelines.data import read_manifest  # imports torch: after the tracking process has started
+
+        manifest = read_manifest(config.data)
+        check_modality(config.model.name, manifest)
+        validate_model_params(config, manifest.model_input, manifest.num_classes or None)
+        if config.train.batch_size > manifest.num_samples("train") // max(1, config.scaling.workers):
+            raise config_error()(f"train.batch_size={config.train.batch_size} is larger than each worker's share of "
+                              f"the {manifest.num_samples('train')} training samples")
+        if manifest.num_samples("val") < config.scaling.workers:
+            # without val metrics there is no val_elbo for `register`'s champion gate or `tune` to compare
+            raise config_error()(f"{manifest.location} has {manifest.num_samples('val')} val samples, fewer than the "
+                              f"{config.scaling.workers} worker(s); rebuild it with --val-fraction > 0")
+        root = storage_root(config)
+        run_name = config.name or f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run = dict(experiment=config.tracking.experiment, run_name=run_name, params=config.to_dict(),
+                   tags={"dataset_sha256": manifest.sha256(), "dataset": manifest.location,
+                         "model": config.model.name, "vaepipe.storage": f"{root}/{run_name}"},
+                   parent_run_id=parent_run_id)
+        if sidecar is not None:
+            return _fit_in_process(config, run_name, sidecar, sidecar.send("start_run", **run), new_run=True)
+        run_id = start_run(config.tracking_uri(), **run)
+        save_run_info(root, run_name, config, run_id)
+        return _fit(config, run_name, run_id)
+    finally:
+        if sidecar is not None:
+            sidecar.close()
+
+
+def start_local_tracking(config: TrainConfig):
+    """The fast path's tracking process (pipelines.registry.sidecar), after the check that needs none."""
+    from pipelines.registry.sidecar import TrackingSidecar
+
+    if "://" in config.storage:
+        raise config_error()("scaling.workers=0 trains in this process and keeps checkpoints on local disk: "
+                          f"storage must be a local folder, not {config.storage}")
+    return TrackingSidecar(config.tracking_uri())
 
 
 def check_modality(model_name: str, manifest) -> None:
@@ -65,7 +85,7 @@ def check_modality(model_name: str, manifest) -> None:
     modality = vaemodels.model_class(model_name).modality
     if manifest.modality != modality:
         fitting = [n for n, cls in vaemodels.MODELS.items() if cls.modality == manifest.modality]
-        raise ConfigError(f"model {model_name!r} is built for {modality} data, but {manifest.location} holds "
+        raise config_error()(f"model {model_name!r} is built for {modality} data, but {manifest.location} holds "
                           f"{manifest.modality} data; use one of: {', '.join(fitting) or 'none registered'}")
 
 
@@ -80,7 +100,11 @@ def resume_training(storage: str, run_name: str) -> dict[str, Any]:
 def _fit(config: TrainConfig, run_name: str, run_id: str) -> dict[str, Any]:
     config = absolute_paths(config)
     if config.scaling.workers == 0:
-        return _fit_in_process(config, run_name, run_id)
+        sidecar = start_local_tracking(config)
+        try:
+            return _fit_in_process(config, run_name, sidecar, sidecar.send("attach", run_id=run_id), new_run=False)
+        finally:
+            sidecar.close()
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -116,30 +140,43 @@ def _fit(config: TrainConfig, run_name: str, run_id: str) -> dict[str, Any]:
     }
 
 
-def _fit_in_process(config: TrainConfig, run_name: str, run_id: str) -> dict[str, Any]:
-    """`--workers 0`: the same loop in this process, no Ray start-up; checkpoints in STORAGE/NAME."""
-    from pipelines.training.sessions import LocalSession
-    from pipelines.training.loop import run_loop
+def _fit_in_process(config: TrainConfig, run_name: str, sidecar, run_ticket: int, new_run: bool) -> dict[str, Any]:
+    """`--workers 0`: the same loop in this process, no Ray start-up; checkpoints in STORAGE/NAME, and
+    MLflow calls through `sidecar` (`run_ticket` answers with the run's id: started, or attached)."""
+    import torch._dynamo  # noqa: F401  the optimizer's first step imports it (~1.3 s): here it overlaps MLflow's start
 
-    if "://" in config.storage:
-        raise ConfigError("scaling.workers=0 trains in this process and keeps checkpoints on local disk: "
-                          f"storage must be a local folder, not {config.storage}")
-    tracking_uri = config.tracking_uri()
+    from pipelines.registry.sidecar import SidecarTracker
+    from pipelines.training.loop import run_loop
+    from pipelines.training.sessions import LocalSession
+
+    run_id = sidecar.wait(run_ticket)
+    if new_run:
+        save_run_info(config.storage, run_name, config, run_id)
     session = LocalSession(use_gpu=config.scaling.use_gpu, checkpoint_root=Path(config.storage) / run_name,
-                           keep=3)
+                           keep=3, run_tracker=SidecarTracker(sidecar))
     try:
         run_loop({**config.to_dict(), "mlflow_run_id": run_id}, session)
     except BaseException:
-        end_run(tracking_uri, run_id, "FAILED")
+        _mark_failed(sidecar, run_id)
         raise
-    end_run(tracking_uri, run_id, "FINISHED")
+    sidecar.call("end_run", status="FINISHED")
     return {
         "run_id": run_id,
         "run_name": run_name,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": config.tracking_uri(),
         "checkpoint": session.latest_checkpoint,
-        "metrics": final_metrics(tracking_uri, run_id),
+        "metrics": sidecar.call("final_metrics"),
     }
+
+
+def _mark_failed(sidecar, run_id: str) -> None:
+    """End the run FAILED without hiding the error that stopped training (the sidecar may be gone too)."""
+    from pipelines.registry.tracking import TrackingError
+
+    try:
+        sidecar.call("end_run", status="FAILED")
+    except TrackingError as exc:
+        print(f"[train] could not mark MLflow run {run_id} FAILED: {exc}", file=sys.stderr)
 
 
 def final_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
@@ -159,5 +196,5 @@ def load_run_info(root: str, run_name: str) -> tuple[TrainConfig, str, str]:
         with fsspec.open(f"{root}/{run_name}/{RUN_INFO_FILE}", "r") as f:
             info = json.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"no run named {run_name!r} under storage {root} (nothing to resume)") from None
+        raise config_error()(f"no run named {run_name!r} under storage {root} (nothing to resume)") from None
     return TrainConfig.from_dict(info["config"]), info["run_name"], info["mlflow_run_id"]

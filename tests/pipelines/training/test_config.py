@@ -54,6 +54,15 @@ def test_int_is_accepted_for_float_and_overrides_parse_yaml_scalars():
         apply_overrides({}, ["novalue"])
 
 
+@pytest.mark.parametrize("raw, value", [("1e-4", 1e-4), ("3E5", 3e5), ("+2.5e-3", 2.5e-3), (".5e1", 5.0)])
+def test_scientific_notation_without_a_dot_is_a_number(raw, value):
+    # YAML 1.1 (PyYAML) reads `1e-4` as the string "1e-4"; `--set optim.lr=1e-4` must still work
+    cfg = TrainConfig.from_dict(apply_overrides({"data": "x"}, [f"optim.lr={raw}"]))
+    assert cfg.optim.lr == value and isinstance(cfg.optim.lr, float)
+    with pytest.raises(ConfigError, match="optim.lr must be a number, got str '1e'"):
+        TrainConfig.from_dict(apply_overrides({"data": "x"}, ["optim.lr=1e"]))
+
+
 def test_default_tracking_uri_lives_under_storage(tmp_path):
     cfg = TrainConfig.from_dict({"data": "x", "storage": str(tmp_path / "runs")})
     assert cfg.tracking_uri() == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"

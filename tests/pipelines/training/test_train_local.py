@@ -67,3 +67,18 @@ def test_killed_in_process_run_resumes_from_its_checkpoint(digits_dataset, tmp_p
     state = read_state(result["checkpoint"])
     assert state.step == 150  # 3 epochs x 50 steps: nothing lost, nothing done twice
     assert state.resumed_from and state.resumed_from[0] >= killed_at
+
+
+def test_a_run_that_fails_mid_training_is_marked_failed_and_keeps_its_error(digits_dataset, tmp_path):
+    import mlflow
+
+    args = train_args(digits_dataset, tmp_path / "runs", "diverges", 2)
+    args += ["--set", "optim.lr=1e12", "--set", "optim.grad_clip=null"]
+    from pipelines.training.loop import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step"):  # the training error, not a tracking one
+        main(args)
+    info = json.loads((tmp_path / "runs" / "diverges" / "vaepipe-run.json").read_text())
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").get_run(info["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+    assert run.data.params["optim.lr"] == "1000000000000.0"
