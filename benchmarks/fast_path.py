@@ -50,6 +50,18 @@ def pythae_process(python: str, arrays: Path, workdir: Path, epochs: int, seed: 
     return {"wall_s": wall, "loop_s": json.loads(out.stdout.strip().splitlines()[-1])["train_s"]}
 
 
+def settle(timeout_s: float = 60.0) -> None:
+    """Wait until no Ray daemon of an earlier arm is left (raylet, GCS), then a moment more."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        left = subprocess.run(["pgrep", "-f", "raylet|gcs_server|ray::|default_worker.py"],
+                              capture_output=True, text=True).stdout.split()
+        if not left:
+            break
+        time.sleep(0.5)
+    time.sleep(2.0)
+
+
 def summary(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
 
@@ -71,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         shuffled, _, arrays = build_split(root)
         for run in range(args.runs):
-            for arm in arms:  # interleaved: load drifts hit every arm alike
+            # interleaved, and rotated: Ray's daemons outlive the command for seconds, so no arm may
+            # always follow the Ray arm; each arm also waits for the machine to settle first
+            for arm in arms[run % len(arms):] + arms[:run % len(arms)]:
+                settle()
                 work = root / f"{arm}-{run}"
                 work.mkdir()
                 if arm == "pythae":
@@ -91,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"{time.strftime('%Y-%m-%d')}, mnist5k (4,000 train / 1,000 val), `vae` MLP (1 x 512), latent {LATENT}, "
         f"batch {BATCH}, {args.epochs} epochs, torch's default threads, {os.cpu_count()} cores; each arm a fresh "
-        f"process timed start to exit, {args.runs} runs interleaved; 1-min load average "
+        f"process timed start to exit, {args.runs} runs interleaved with the order rotated, each after the previous "
+        f"arm's Ray daemons had exited; 1-min load average "
         f"{min(loads):.1f}–{max(loads):.1f} while it ran.",
         "",
         "| arm | whole process s, median (min–max) | ratio to pythae |",
