@@ -1,10 +1,10 @@
-"""MLflow tracking from a helper process, for `vaepipe train --workers 0`.
+"""The driver's MLflow calls for `vaepipe train`, made from a helper process.
 
-The local fast path trains in the driver. Importing MLflow and opening its SQLAlchemy store
-costs ~2.5 s of CPU on 2 cores. A background thread would hold the GIL against the training
-loop; that was measured at +2.3 s on a 3-s loop. So a child process imports MLflow, opens the
-store and creates the run while the parent imports torch and builds the model. After that the
-child does every MLflow call for the run.
+Importing MLflow and opening its SQLAlchemy store costs ~2.5 s of CPU on 2 cores. A background
+thread would hold the GIL against the training loop; that was measured at +2.3 s on a 3-s loop.
+So a child process imports MLflow, opens the store and creates the run while the driver imports
+torch and, on the Ray path, starts Ray. After that the child makes every MLflow call the driver
+makes for the run. With `--workers 0` that is every call, since the loop runs in the driver.
 
 The protocol is one JSON object per line on the child's stdin:
 `{"op": NAME, "args": {...}}`. Each request gets one line back on the child's original
@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 from pipelines.registry.tracking import TrackingError
@@ -33,8 +34,12 @@ class TrackingSidecar:
 
     def __init__(self, tracking_uri: str):
         self.tracking_uri = tracking_uri
+        # the child imports this package from where the parent did (a checkout, a Ray job's working dir)
+        root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         self._process = subprocess.Popen([sys.executable, "-m", "pipelines.registry.sidecar", tracking_uri],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                         env=env)
         self._pending: deque[int] = deque()  # tickets sent, not yet answered
         self._answers: dict[int, Any] = {}
         self._next = 0

@@ -6,6 +6,7 @@ FailureConfig restarts. Relaunching with the same run name resumes from its late
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -16,7 +17,6 @@ import fsspec
 
 from pipelines.config import config_error
 from pipelines.ray_runtime import ensure_ray
-from pipelines.registry.tracking import end_run, start_run
 from pipelines.training.config import TrainConfig, validate_model_params
 
 RUN_INFO_FILE = "vaepipe-run.json"  # beside Ray's files in storage/NAME: config + MLflow run id
@@ -37,8 +37,8 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
 def run_training(config: TrainConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Train per `config`; returns the MLflow run id, the checkpoint location and final metrics."""
     config = absolute_paths(config)
-    # --workers 0: MLflow starts in its own process now, while the checks below import torch
-    sidecar = start_local_tracking(config) if config.scaling.workers == 0 else None
+    # MLflow starts in its own process now, while the checks below import torch and `_fit` starts Ray
+    sidecar = start_tracking(config)
     try:
         from pipelines.data import read_manifest  # imports torch: after the tracking process has started
 
@@ -46,35 +46,30 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None) -> dict[
         check_modality(config.model.name, manifest)
         validate_model_params(config, manifest.model_input, manifest.num_classes or None)
         if config.train.batch_size > manifest.num_samples("train") // max(1, config.scaling.workers):
-            raise config_error()(f"train.batch_size={config.train.batch_size} is larger than each worker's share of "
-                              f"the {manifest.num_samples('train')} training samples")
+            raise config_error()(f"train.batch_size={config.train.batch_size} is larger than each worker's share "
+                                 f"of the {manifest.num_samples('train')} training samples")
         if manifest.num_samples("val") < config.scaling.workers:
             # without val metrics there is no val_elbo for `register`'s champion gate or `tune` to compare
-            raise config_error()(f"{manifest.location} has {manifest.num_samples('val')} val samples, fewer than the "
-                              f"{config.scaling.workers} worker(s); rebuild it with --val-fraction > 0")
+            raise config_error()(f"{manifest.location} has {manifest.num_samples('val')} val samples, fewer than "
+                                 f"the {config.scaling.workers} worker(s); rebuild it with --val-fraction > 0")
         root = storage_root(config)
         run_name = config.name or f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         run = dict(experiment=config.tracking.experiment, run_name=run_name, params=config.to_dict(),
                    tags={"dataset_sha256": manifest.sha256(), "dataset": manifest.location,
                          "model": config.model.name, "vaepipe.storage": f"{root}/{run_name}"},
                    parent_run_id=parent_run_id)
-        if sidecar is not None:
-            return _fit_in_process(config, run_name, sidecar, sidecar.send("start_run", **run), new_run=True)
-        run_id = start_run(config.tracking_uri(), **run)
-        save_run_info(root, run_name, config, run_id)
-        return _fit(config, run_name, run_id)
+        return _fit(config, run_name, sidecar, sidecar.send("start_run", **run), new_run=True)
     finally:
-        if sidecar is not None:
-            sidecar.close()
+        sidecar.close()
 
 
-def start_local_tracking(config: TrainConfig):
-    """The fast path's tracking process (pipelines.registry.sidecar), after the check that needs none."""
+def start_tracking(config: TrainConfig):
+    """The run's tracking process (pipelines.registry.sidecar), after the checks that need none."""
     from pipelines.registry.sidecar import TrackingSidecar
 
-    if "://" in config.storage:
+    if config.scaling.workers == 0 and "://" in config.storage:
         raise config_error()("scaling.workers=0 trains in this process and keeps checkpoints on local disk: "
-                          f"storage must be a local folder, not {config.storage}")
+                             f"storage must be a local folder, not {config.storage}")
     return TrackingSidecar(config.tracking_uri())
 
 
@@ -94,24 +89,31 @@ def resume_training(storage: str, run_name: str) -> dict[str, Any]:
     root = storage if "://" in storage else str(Path(storage).resolve())
     config, run_name, run_id = load_run_info(root, run_name)
     print(f"[train] resuming run {run_name} (MLflow run {run_id})", file=sys.stderr)
-    return _fit(config, run_name, run_id)
-
-
-def _fit(config: TrainConfig, run_name: str, run_id: str) -> dict[str, Any]:
     config = absolute_paths(config)
+    sidecar = start_tracking(config)
+    try:
+        return _fit(config, run_name, sidecar, sidecar.send("attach", run_id=run_id), new_run=False)
+    finally:
+        sidecar.close()
+
+
+# Ray Train's controller polls its workers this often (its default, 2 s, added ~2-4 s to every run's end)
+HEALTH_CHECK_INTERVAL_S = "0.5"
+
+
+def _fit(config: TrainConfig, run_name: str, sidecar, run_ticket: int, new_run: bool) -> dict[str, Any]:
+    """Run the loop; MLflow calls go through `sidecar`, whose `run_ticket` answers with the run's id
+    (started, or attached when resuming)."""
     if config.scaling.workers == 0:
-        sidecar = start_local_tracking(config)
-        try:
-            return _fit_in_process(config, run_name, sidecar, sidecar.send("attach", run_id=run_id), new_run=False)
-        finally:
-            sidecar.close()
+        return _fit_in_process(config, run_name, sidecar, run_ticket, new_run)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    root, tracking_uri = config.storage, config.tracking_uri()
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     ensure_ray()
     from pipelines.training.loop import train_loop_per_worker
 
+    run_id = _await_run(sidecar, run_ticket, config, run_name, new_run)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**config.to_dict(), "mlflow_run_id": run_id},
@@ -119,7 +121,7 @@ def _fit(config: TrainConfig, run_name: str, run_id: str) -> dict[str, Any]:
                                      resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
         run_config=RunConfig(
             name=run_name,
-            storage_path=root,
+            storage_path=config.storage,
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=3),
         ),
@@ -127,31 +129,20 @@ def _fit(config: TrainConfig, run_name: str, run_id: str) -> dict[str, Any]:
     try:
         result = trainer.fit()
     except BaseException:
-        end_run(tracking_uri, run_id, "FAILED")
+        _mark_failed(sidecar, run_id)
         raise
-    end_run(tracking_uri, run_id, "FINISHED")
-    checkpoint = result.checkpoint.path if result.checkpoint else None
-    return {
-        "run_id": run_id,
-        "run_name": run_name,
-        "tracking_uri": tracking_uri,
-        "checkpoint": checkpoint,
-        "metrics": final_metrics(tracking_uri, run_id),
-    }
+    return _finished(config, run_name, sidecar, run_id, result.checkpoint.path if result.checkpoint else None)
 
 
 def _fit_in_process(config: TrainConfig, run_name: str, sidecar, run_ticket: int, new_run: bool) -> dict[str, Any]:
-    """`--workers 0`: the same loop in this process, no Ray start-up; checkpoints in STORAGE/NAME, and
-    MLflow calls through `sidecar` (`run_ticket` answers with the run's id: started, or attached)."""
+    """`--workers 0`: the same loop in this process, no Ray start-up; checkpoints in STORAGE/NAME."""
     import torch._dynamo  # noqa: F401  the optimizer's first step imports it (~1.3 s): here it overlaps MLflow's start
 
     from pipelines.registry.sidecar import SidecarTracker
     from pipelines.training.loop import run_loop
     from pipelines.training.sessions import LocalSession
 
-    run_id = sidecar.wait(run_ticket)
-    if new_run:
-        save_run_info(config.storage, run_name, config, run_id)
+    run_id = _await_run(sidecar, run_ticket, config, run_name, new_run)
     session = LocalSession(use_gpu=config.scaling.use_gpu, checkpoint_root=Path(config.storage) / run_name,
                            keep=3, run_tracker=SidecarTracker(sidecar))
     try:
@@ -159,12 +150,24 @@ def _fit_in_process(config: TrainConfig, run_name: str, sidecar, run_ticket: int
     except BaseException:
         _mark_failed(sidecar, run_id)
         raise
+    return _finished(config, run_name, sidecar, run_id, session.latest_checkpoint)
+
+
+def _await_run(sidecar, run_ticket: int, config: TrainConfig, run_name: str, new_run: bool) -> str:
+    """The run's id once the tracking process has it; a new run's info file is written then."""
+    run_id = sidecar.wait(run_ticket)
+    if new_run:
+        save_run_info(config.storage, run_name, config, run_id)
+    return run_id
+
+
+def _finished(config: TrainConfig, run_name: str, sidecar, run_id: str, checkpoint: str | None) -> dict[str, Any]:
     sidecar.call("end_run", status="FINISHED")
     return {
         "run_id": run_id,
         "run_name": run_name,
         "tracking_uri": config.tracking_uri(),
-        "checkpoint": session.latest_checkpoint,
+        "checkpoint": checkpoint,
         "metrics": sidecar.call("final_metrics"),
     }
 
