@@ -157,8 +157,8 @@ class _Child:
     def start_run(self, experiment: str, run_name: str, params: dict, tags: dict, parent_run_id: str | None = None):
         from pipelines.registry.tracking import start_run
 
-        self._client()
-        self.run_id = start_run(self.tracking_uri, experiment, run_name, params, tags, parent_run_id=parent_run_id)
+        self.run_id = start_run(self.tracking_uri, experiment, run_name, params, tags, parent_run_id=parent_run_id,
+                                client=self._client())
         return self.run_id
 
     def attach(self, run_id: str):
@@ -167,26 +167,27 @@ class _Child:
         return run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int):
-        from pipelines.registry.tracking import log_metric_batch
-
-        log_metric_batch(self._client(), self._run(), metrics, step)
+        self._tracker().log_metrics(metrics, step)
 
     def log_artifacts(self, local_dir: str, artifact_path: str):
-        self._client().log_artifacts(self._run(), local_dir, artifact_path)
+        self._tracker().log_artifacts(local_dir, artifact_path)
 
     def log_artifact(self, local_path: str, artifact_path: str):
-        self._client().log_artifact(self._run(), local_path, artifact_path)
+        self._tracker().log_artifact(local_path, artifact_path)
 
     def end_run(self, status: str):
-        self._client().set_terminated(self._run(), status=status)
+        self._client().set_terminated(self._tracker().run_id, status=status)
 
     def final_metrics(self):
-        return dict(self._client().get_run(self._run()).data.metrics)
+        return dict(self._client().get_run(self._tracker().run_id).data.metrics)
 
-    def _run(self) -> str:
+    def _tracker(self):
+        """The RunTracker of the run started or attached, on this process's one client."""
+        from pipelines.registry.tracking import RunTracker
+
         if self.run_id is None:
             raise TrackingError("no MLflow run started or attached in the tracking process")
-        return self.run_id
+        return RunTracker(self.tracking_uri, self.run_id, client=self._client())
 
 
 OPS = ("start_run", "attach", "log_metrics", "log_artifacts", "log_artifact", "end_run", "final_metrics")

@@ -136,10 +136,12 @@ def set_run_tag(tracking_uri: str, run_id: str, key: str, value: str) -> None:
 
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any],
-              tags: dict[str, str], parent_run_id: str | None = None) -> str:
-    """Create a run (nested under `parent_run_id` when given) with params and tags; returns its id."""
-    check_reachable(tracking_uri)
-    client = connect(tracking_uri)
+              tags: dict[str, str], parent_run_id: str | None = None, client=None) -> str:
+    """Create a run (nested under `parent_run_id` when given) with params and tags; returns its id.
+    With `client` (already connected, the server already checked) it is used as it is."""
+    if client is None:
+        check_reachable(tracking_uri)
+        client = connect(tracking_uri)
     experiment_id = ensure_experiment(client, tracking_uri, experiment)
     all_tags = {"mlflow.runName": run_name, **tags}
     if parent_run_id:
@@ -182,8 +184,8 @@ def log_metric_batch(client, run_id: str, metrics: dict[str, float], step: int) 
 class RunTracker:
     """What rank 0 logs into an existing run."""
 
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.client = connect(tracking_uri)
+    def __init__(self, tracking_uri: str, run_id: str, client=None):
+        self.client = client if client is not None else connect(tracking_uri)
         self.run_id = run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
