@@ -139,6 +139,29 @@ def marker_path(out: Path, index: int) -> Path:
     return out / MARKERS_DIR / f"block-{index:06d}.json"
 
 
+def build_with_shipped_files(block_fn: type, block_fn_kwargs: dict[str, Any],
+                             shipped_files: dict[str, dict[str, bytes]]) -> Any:
+    """`block_fn(**block_fn_kwargs)` with each shipped folder written to a local temporary folder
+    first (it came through Ray's object store: this node need not see the driver's disk). Block
+    functions load what they need in their constructor, so the copies are removed as soon as it
+    returns (or raises): an actor killed later leaves nothing behind in the node's temp dir."""
+    import shutil
+    import tempfile
+
+    copies = []
+    try:
+        for kwarg, files in shipped_files.items():
+            local = Path(tempfile.mkdtemp(prefix=f"vaepipe-actor-{kwarg.replace('_', '-')}-"))
+            copies.append(local)
+            for name, data in files.items():
+                (local / name).write_bytes(data)
+            block_fn_kwargs = {**block_fn_kwargs, kwarg: str(local)}
+        return block_fn(**block_fn_kwargs)
+    finally:
+        for local in copies:
+            shutil.rmtree(local, ignore_errors=True)
+
+
 class BlockActor:
     """One per actor in the pool: builds the job's block function once (loading its model), then
     runs blocks; each block's marker is written after all its files, so a marker means complete."""
@@ -146,15 +169,7 @@ class BlockActor:
     def __init__(self, out: str, block_fn: type, block_fn_kwargs: dict[str, Any],
                  shipped_files: dict[str, dict[str, bytes]] | None = None):
         self.out = Path(out)
-        for kwarg, files in (shipped_files or {}).items():
-            # the folder came through Ray's object store: this node need not see the driver's disk
-            import tempfile
-
-            local = Path(tempfile.mkdtemp(prefix=f"vaepipe-actor-{kwarg.replace('_', '-')}-"))
-            for name, data in files.items():
-                (local / name).write_bytes(data)
-            block_fn_kwargs = {**block_fn_kwargs, kwarg: str(local)}
-        self.fn = block_fn(**block_fn_kwargs)
+        self.fn = build_with_shipped_files(block_fn, block_fn_kwargs, shipped_files or {})
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         indices, rows, refused = [], [], []
