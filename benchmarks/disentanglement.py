@@ -9,6 +9,7 @@ highest MIG, which needs the ground-truth factors: the selection protocol of dis
 is reported beside it. An untrained model gives MIG's floor. Writes a section of BENCHMARKS.md.
 
     python -m benchmarks.disentanglement [--betas 1,4,8,16] [--epochs 8] [--limit 10000]
+        [--param capacity_max=25 --param capacity_steps=4000]   # more beta_vae params: its own section
 """
 from __future__ import annotations
 
@@ -39,10 +40,24 @@ def mig_of(model, split) -> tuple[float, list[float]]:
     return float(gaps.mean()), [round(float(g), 3) for g in gaps]
 
 
-def one_beta(beta: float, data: Path, epochs: int, batch_size: int, split) -> dict:
+def parse_params(pairs: list[str]) -> dict[str, float]:
+    """`--param NAME=NUMBER` pairs -> beta_vae params (ints stay ints: capacity_steps)."""
+    params = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--param takes NAME=NUMBER, got {pair!r}")
+        try:
+            params[name] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise SystemExit(f"--param {name}: {value!r} is not a number") from None
+    return params
+
+
+def one_beta(beta: float, data: Path, epochs: int, batch_size: int, split, params: dict | None = None) -> dict:
     session = LocalSession()
     started = time.perf_counter()
-    metrics = run_loop({"data": str(data), "model": {"name": "beta_vae", "params": {"beta": beta}},
+    metrics = run_loop({"data": str(data), "model": {"name": "beta_vae", "params": {"beta": beta, **(params or {})}},
                         "train": {"epochs": epochs, "batch_size": batch_size, "shuffle_buffer": 10_000}}, session)
     seconds = time.perf_counter() - started
     model = vaemodels.load_model(Path(session.latest_checkpoint) / "model")
@@ -58,8 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--limit", type=int, default=10_000, help="shapes samples (10%% go to val)")
     parser.add_argument("--out", default="BENCHMARKS.md")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=NUMBER",
+                        help="another beta_vae param for every arm (e.g. capacity_max=25); written to its own section")
     args = parser.parse_args(argv)
     betas = [float(b) for b in args.betas.split(",")]
+    params = parse_params(args.param)
+    vaemodels.build("beta_vae", (1, 64, 64), None, **params)  # a bad name or value fails now, not after the data
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "shapes"
@@ -71,16 +90,19 @@ def main(argv: list[str] | None = None) -> int:
         untrained_mig, untrained_gaps = mig_of(vaemodels.build("beta_vae", tuple(split.images.shape[1:]), None), split)
         print(json.dumps({"beta": None, "untrained_mig": untrained_mig}), file=sys.stderr, flush=True)
         for beta in betas:
-            row = one_beta(beta, data, args.epochs, args.batch_size, split)
+            row = one_beta(beta, data, args.epochs, args.batch_size, split, params)
             print(json.dumps(row), file=sys.stderr, flush=True)
             rows.append(row)
     best = max(rows, key=lambda r: r["mig"])
     best_elbo = max(rows, key=lambda r: r["val_elbo"] if r["val_elbo"] is not None else float("-inf"))
     met = best["mig"] >= TARGET
+    extra = ", ".join(f"{k}={v}" for k, v in params.items())
+    flags = "".join(f" --param {k}={v}" for k, v in params.items())
     lines = [
-        "## β-VAE disentanglement on shapes, searched β (benchmarks/disentanglement.py)",
+        f"## β-VAE disentanglement on shapes, searched β{', ' + extra if extra else ''} (benchmarks/disentanglement.py)",
         "",
-        f"`python -m benchmarks.disentanglement --betas {args.betas} --epochs {args.epochs} --limit {args.limit}`: "
+        f"`python -m benchmarks.disentanglement --betas {args.betas} --epochs {args.epochs} --limit {args.limit}"
+        f"{' --batch-size ' + str(args.batch_size) if args.batch_size != 64 else ''}{flags}`: "
         f"{args.limit:,} shapes ({args.limit - args.limit // 10:,} train), `beta_vae` trained {args.epochs} epochs "
         f"(batch {args.batch_size}) per β by the real loop with its other defaults; MIG (20 bins, as `vaepipe "
         f"evaluate`) of the posterior means of {MIG_IMAGES:,} train images against the factors "

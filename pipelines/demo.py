@@ -41,6 +41,10 @@ class DemoConfig:
     steps_per_epoch: int | None = None  # cap batches per epoch (small-budget tests); None = every batch
     per_class: int = 200  # synthetic samples generated for each digit
     latent_dims: tuple[int, ...] = (8, 16)  # the search: one trial per latent size, run side by side
+    # the evaluation's budget (its reference classifier, augmentation seeds, anomaly model); smaller in tests
+    classifier_steps: int = 300
+    evaluation_seeds: int = 2
+    anomaly_steps: int = 200
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
@@ -86,7 +90,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     print("[demo] 5/5 evaluating the champion and its synthetic data", file=sys.stderr)
     evaluation = run_evaluation(EvaluateConfig(
         model=pulled["path"], data=str(shards), out=str(workdir / "report"), synthetic=generated["out"],
-        iwae_k=100, seeds=2, max_real=3000, classifier_steps=300, anomaly_steps=200, seed=config.seed,
+        iwae_k=100, seeds=config.evaluation_seeds, max_real=3000, classifier_steps=config.classifier_steps,
+        anomaly_steps=config.anomaly_steps, seed=config.seed,
         tracking_uri=tracking_uri, run_id=search["best"]["run_id"],
     ))
     return {

@@ -1,5 +1,7 @@
 """Session-wide fixtures: one Ray instance for the whole test session, small real datasets."""
 import os
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +17,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def running_mlflow_server(root: Path):
+    """A real `mlflow server` (SQLite backend under `root`, local artifact store) on a free loopback
+    port, until the block ends: {"uri", "artifacts"}. Stopped with SIGTERM to its process group
+    (the CLI and its uvicorn worker), then SIGKILL if it is still draining keep-alive clients after
+    10 s, which takes longer than that on a loaded machine."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+                break
+            except OSError:
+                assert proc.poll() is None, "mlflow server exited"
+                assert time.time() < deadline, "mlflow server did not come up in 90 s"
+                time.sleep(0.5)
+        yield {"uri": uri, "artifacts": root / "artifacts"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -54,3 +95,26 @@ def shapes_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("datasets") / "shapes"
     build_dataset(BuildConfig("shapes", str(out), shard_size=450, limit=2000))
     return out
+
+
+# Under `make test` (pytest-xdist, one file per worker at a time) the files with the longest tests
+# go out first, so neither worker is left running a two-minute test alone at the end. Order only:
+# a file missing here still runs, in collection order after these.
+LONGEST_FILES = (
+    "tests/infra/test_local_stack.py",
+    "tests/pipelines/training/test_train_cluster.py",
+    "tests/pipelines/training/test_train_ray.py",
+    "tests/pipelines/test_demo.py",
+    "tests/pipelines/batch/test_generate_scaling.py",
+    "tests/pipelines/test_failures.py",
+    "tests/pipelines/registry/test_lineage.py",
+    "tests/pipelines/registry/test_registry.py",
+    "tests/pipelines/test_submit.py",
+    "tests/pipelines/test_series_pipeline.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FILES)}
+    position = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(item.nodeid.split("::")[0], len(rank)), position[id(item)]))

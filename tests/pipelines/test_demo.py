@@ -12,7 +12,8 @@ from pipelines.demo import DemoConfig, run_demo
 @pytest.mark.ray
 def test_small_demo_writes_every_output_and_a_judged_report(ray_session, tmp_path):
     result = run_demo(DemoConfig(workdir=str(tmp_path / "demo"), num_samples=600, epochs=1, steps_per_epoch=4,
-                                 per_class=12, latent_dims=(4,)))
+                                 per_class=12, latent_dims=(4,), classifier_steps=60, evaluation_seeds=1,
+                                 anomaly_steps=20))
     demo = tmp_path / "demo"
     for path in ("shards/manifest.json", "mlflow.db", "synthetic/_SUCCESS", "synthetic/manifest.json",
                  "report/metrics.json", "report/report.html", "models/champion/config.json"):

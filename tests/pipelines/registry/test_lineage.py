@@ -4,12 +4,6 @@ day logs no second run and an interrupted one continues its own; --evaluate-agai
 numbers (and its reliability verdict) on the generation run; `vaepipe datasets` lists them. Bad input to
 --evaluate-against is one line and exit 2 before anything is written (those tests need no server)."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +12,7 @@ import torch
 
 import vaemodels
 from pipelines.cli import main
-from tests.conftest import free_port
+from tests.conftest import running_mlflow_server
 
 DAY1, DAY2 = "2026-03-09", "2026-03-10"
 FAST_EVALUATION = ["--set", "evaluation.iwae_k=4", "--set", "evaluation.iwae_subset=16", "--set",
@@ -34,34 +28,11 @@ def run_cli(capsys, *argv):
     return code, (json.loads(last) if code == 0 and last.startswith("{") else out), err
 
 
-# Copied from tests/pipelines/registry/test_registry.py (mlflow_server)
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (SQLite backend, local artifact store) on loopback."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-            break
-        except OSError:
-            assert proc.poll() is None, "mlflow server exited"
-            assert time.time() < deadline, "mlflow server did not come up in 90 s"
-            time.sleep(0.5)
-    yield {"uri": uri, "artifacts": root / "artifacts"}
-    os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker processes
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # uvicorn waits for idle keep-alive clients: they are only this test's
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

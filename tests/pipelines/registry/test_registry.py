@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import free_port
+from tests.conftest import free_port, running_mlflow_server
 from pipelines.cli import main
 from pipelines.registry.versions import RegisterRequest, RegistryError, pull, register_run
 from pipelines.training.sessions import LocalSession
@@ -28,26 +28,8 @@ pytestmark = [pytest.mark.slow]
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (SQLite backend, local artifact store) on loopback."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-            break
-        except OSError:
-            assert proc.poll() is None, "mlflow server exited"
-            assert time.time() < deadline, "mlflow server did not come up in 90 s"
-            time.sleep(0.5)
-    yield {"uri": uri, "artifacts": root / "artifacts"}
-    os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker processes
-    proc.wait(timeout=30)
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server
 
 
 def trained_run(uri, data, name, max_steps):
