@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 # test files run on this many worker processes (pytest-xdist; one file per worker at a time, so a file's
-# module fixtures are built once); 1 = the plain serial run
+# module fixtures are built once; the Ray-heavy files in a row on one worker: tests/conftest.py); 0 = serially
 TEST_WORKERS ?= 2
 
 .PHONY: venv demo test test-fast bench bench-pythae bench-sdv clean image stack-up stack-down
@@ -25,10 +25,10 @@ demo: venv
 	$(VENV)/bin/vaepipe demo --workdir demo
 
 test: venv
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: venv
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 bench: venv
 	$(PY) -m benchmarks.train_throughput

@@ -97,24 +97,23 @@ def shapes_dataset(tmp_path_factory):
     return out
 
 
-# Under `make test` (pytest-xdist, one file per worker at a time) the files with the longest tests
-# go out first, so neither worker is left running a two-minute test alone at the end. Order only:
-# a file missing here still runs, in collection order after these.
-LONGEST_FILES = (
+
+# Under `make test` (pytest-xdist, --dist loadgroup) each file is one unit of work, so its module
+# fixtures are built once, except these files, which start Ray Train runs, Ray clusters or servers:
+# they form one group that runs on one worker, one test at a time, while the other worker runs the
+# rest. Two of them side by side on 2 cores make both slower than in a row, and their timeouts tight.
+RAY_HEAVY_FILES = frozenset({
     "tests/infra/test_local_stack.py",
     "tests/pipelines/training/test_train_cluster.py",
     "tests/pipelines/training/test_train_ray.py",
-    "tests/pipelines/test_demo.py",
-    "tests/pipelines/batch/test_generate_scaling.py",
-    "tests/pipelines/test_failures.py",
-    "tests/pipelines/registry/test_lineage.py",
-    "tests/pipelines/registry/test_registry.py",
+    "tests/pipelines/training/test_search.py",
     "tests/pipelines/test_submit.py",
-    "tests/pipelines/test_series_pipeline.py",
-)
+    "tests/pipelines/test_demo.py",
+})
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
 def pytest_collection_modifyitems(config, items):
-    rank = {path: i for i, path in enumerate(LONGEST_FILES)}
-    position = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (rank.get(item.nodeid.split("::")[0], len(rank)), position[id(item)]))
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group("ray-heavy" if path in RAY_HEAVY_FILES else path))

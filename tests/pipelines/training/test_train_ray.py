@@ -49,13 +49,17 @@ def test_two_workers_learn_and_log_to_mlflow(ray_session, shapes_dataset, tmp_pa
 
 def _train_worker_pids(started_after: float):
     """Ray titles its worker processes after the actor they host (ray::RayTrainWorker...); only those
-    started by this test count, not leftovers of other runs or clusters on the machine."""
+    started by this test under this session's raylet count, not leftovers of other runs or the workers
+    of another Ray on the machine (a second pytest-xdist worker runs its own)."""
     import psutil
+    import ray
 
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     pids = []
-    for proc in psutil.process_iter(["cmdline", "create_time"]):
+    for proc in psutil.process_iter(["cmdline", "create_time", "ppid"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if cmdline.startswith("ray::RayTrainWorker") and proc.info["create_time"] >= started_after:
+        if (cmdline.startswith("ray::RayTrainWorker") and proc.info["create_time"] >= started_after
+                and proc.info["ppid"] == raylet):
             pids.append(proc.pid)
     return pids
 
