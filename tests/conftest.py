@@ -19,6 +19,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_answers(url: str, proc, seconds: float, what: str, any_http_status: bool = False) -> None:
+    """Poll `url` until it answers (with any_http_status, a 401 counts: the server is up) while the
+    server process `proc` runs; AssertionError names `what` when it exits or `seconds` pass."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError as exc:  # HTTPError too: an error status is an answer only with any_http_status
+            if any_http_status and isinstance(exc, urllib.error.HTTPError):
+                return
+            assert proc.poll() is None, f"{what} exited"
+            assert time.time() < deadline, f"{what} did not answer {url} in {seconds:.0f} s"
+            time.sleep(0.5)
+
+
 @contextmanager
 def running_mlflow_server(root: Path):
     """A real `mlflow server` (SQLite backend under `root`, local artifact store) on a free loopback
@@ -28,8 +48,6 @@ def running_mlflow_server(root: Path):
     import signal
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     port = free_port()
     proc = subprocess.Popen(
@@ -39,15 +57,7 @@ def running_mlflow_server(root: Path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         uri = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-                break
-            except OSError:
-                assert proc.poll() is None, "mlflow server exited"
-                assert time.time() < deadline, "mlflow server did not come up in 90 s"
-                time.sleep(0.5)
+        wait_until_answers(f"{uri}/health", proc, 90, "mlflow server")
         yield {"uri": uri, "artifacts": root / "artifacts"}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

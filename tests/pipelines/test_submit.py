@@ -5,13 +5,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until_answers
 import yaml
 
 pytestmark = [pytest.mark.slow]
@@ -32,17 +29,8 @@ def ray_head(tmp_path_factory):
     proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
-            break
-        except urllib.error.HTTPError:  # it answers (401 without a token): it is up
-            break
-        except OSError:
-            assert proc.poll() is None, "ray start exited"
-            assert time.time() < deadline, "Ray head's Jobs API did not come up in 120 s"
-            time.sleep(1)
+    # it answers 401 without a token: up all the same
+    wait_until_answers(f"{address}/api/version", proc, 120, "ray start (the Jobs API)", any_http_status=True)
     yield address
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=60)

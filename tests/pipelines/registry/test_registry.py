@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import free_port, running_mlflow_server
+from tests.conftest import free_port, running_mlflow_server, wait_until_answers
 from pipelines.cli import main
 from pipelines.registry.versions import RegisterRequest, RegistryError, pull, register_run
 from pipelines.training.sessions import LocalSession
@@ -249,15 +249,10 @@ def test_mlflow_models_serve_answers_invocations(mlflow_server, runs, tmp_path):
                             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/ping", timeout=2).read()
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-                assert time.time() < deadline, "mlflow models serve did not answer /ping in 180 s"
-                time.sleep(0.5)
+        try:
+            wait_until_answers(f"{base}/ping", proc, 180, "mlflow models serve")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{(tmp_path / 'serve.log').read_text()[-3000:]}") from None
         status, body = post(f"{base}/invocations", {"dataframe_records": [{"label": 3, "seed": 1, "n": 2},
                                                                            {"label": "4", "seed": 2}]})
         assert status == 200, body
