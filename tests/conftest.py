@@ -45,7 +45,6 @@ def running_mlflow_server(root: Path):
     port, until the block ends: {"uri", "artifacts"}. Stopped with SIGTERM to its process group
     (the CLI and its uvicorn worker), then SIGKILL if it is still draining keep-alive clients after
     10 s, which takes longer than that on a loaded machine."""
-    import signal
     import subprocess
     import sys
 
@@ -60,12 +59,23 @@ def running_mlflow_server(root: Path):
         wait_until_answers(f"{uri}/health", proc, 90, "mlflow server")
         yield {"uri": uri, "artifacts": root / "artifacts"}
     finally:
+        stop_process_group(proc, grace=10)
+
+
+def stop_process_group(proc, grace: float) -> None:
+    """SIGTERM to the process group of `proc` (started with start_new_session=True: a server and the
+    workers it spawned), then SIGKILL if it has not exited after `grace` seconds (on a loaded
+    machine servers drain keep-alive clients for longer than their tests need)."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -105,7 +115,6 @@ def shapes_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("datasets") / "shapes"
     build_dataset(BuildConfig("shapes", str(out), shard_size=450, limit=2000))
     return out
-
 
 
 # Under `make test` (pytest-xdist, --dist loadgroup) each file is one unit of work, so its module

@@ -2,13 +2,12 @@
 dashboard's Jobs API): a tiny training job succeeds, a broken one returns non-zero."""
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from tests.conftest import free_port, wait_until_answers
+from tests.conftest import free_port, stop_process_group, wait_until_answers
 import yaml
 
 pytestmark = [pytest.mark.slow]
@@ -32,8 +31,7 @@ def ray_head(tmp_path_factory):
     # it answers 401 without a token: up all the same
     wait_until_answers(f"{address}/api/version", proc, 120, "ray start (the Jobs API)", any_http_status=True)
     yield address
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=60)
+    stop_process_group(proc, grace=60)  # `ray start --block` and the head's processes
 
 
 def vaepipe(*args, timeout=600):

@@ -3,7 +3,6 @@ worse model stays challenger) -> pull and sample; and each clear error (unknown 
 unreachable server, missing or tampered artifacts)."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import free_port, running_mlflow_server, wait_until_answers
+from tests.conftest import free_port, running_mlflow_server, stop_process_group, wait_until_answers
 from pipelines.cli import main
 from pipelines.registry.versions import RegisterRequest, RegistryError, pull, register_run
 from pipelines.training.sessions import LocalSession
@@ -272,9 +271,7 @@ def test_mlflow_models_serve_answers_invocations(mlflow_server, runs, tmp_path):
             assert status == 400 and message in body["message"], body
             assert "stack_trace" not in body and "Traceback" not in body["message"]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # mlflow's CLI and the uvicorn server it started
-        proc.wait(timeout=30)
+        stop_process_group(proc, grace=30)  # mlflow's CLI and the uvicorn server it started
         log.close()
 
 
