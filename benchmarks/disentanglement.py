@@ -10,6 +10,7 @@ is reported beside it. An untrained model gives MIG's floor. Writes a section of
 
     python -m benchmarks.disentanglement [--betas 1,4,8,16] [--epochs 8] [--limit 10000]
         [--param capacity_max=25 --param capacity_steps=4000]   # more beta_vae params: its own section
+        [--param beta_target=total_correlation]                  # β-TCVAE (Chen et al. 2018)
 """
 from __future__ import annotations
 
@@ -40,17 +41,22 @@ def mig_of(model, split) -> tuple[float, list[float]]:
     return float(gaps.mean()), [round(float(g), 3) for g in gaps]
 
 
-def parse_params(pairs: list[str]) -> dict[str, float]:
-    """`--param NAME=NUMBER` pairs -> beta_vae params (ints stay ints: capacity_steps)."""
+def parse_params(pairs: list[str]) -> dict[str, float | int | str]:
+    """`--param NAME=VALUE` pairs -> beta_vae params: ints stay ints (capacity_steps), other numbers
+    become floats, anything else stays a string (beta_target=total_correlation); the model's config
+    checks names and values."""
     params = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise SystemExit(f"--param takes NAME=NUMBER, got {pair!r}")
+            raise SystemExit(f"--param takes NAME=VALUE, got {pair!r}")
+        if value.lstrip("-").isdigit():
+            params[name] = int(value)
+            continue
         try:
-            params[name] = int(value) if value.lstrip("-").isdigit() else float(value)
+            params[name] = float(value)
         except ValueError:
-            raise SystemExit(f"--param {name}: {value!r} is not a number") from None
+            params[name] = value
     return params
 
 
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--limit", type=int, default=10_000, help="shapes samples (10%% go to val)")
     parser.add_argument("--out", default="BENCHMARKS.md")
-    parser.add_argument("--param", action="append", default=[], metavar="NAME=NUMBER",
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="another beta_vae param for every arm (e.g. capacity_max=25); written to its own section")
     args = parser.parse_args(argv)
     betas = [float(b) for b in args.betas.split(",")]

@@ -96,6 +96,21 @@ def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch
     return (-0.5 * (LOG_2PI + logvar + (z - mu) ** 2 / logvar.exp())).sum(-1)
 
 
+def total_correlation(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Minibatch estimate of TC(z) = KL(q(z) || prod_d q(z_d)) (Chen et al. 2018, "Isolating Sources
+    of Disentanglement in VAEs"), with the batch standing in for the data set: log q(z_i) is
+    logsumexp_j log q(z_i | x_j) - log B, and the same per dimension. Against Chen's minibatch-
+    weighted estimator this drops the constant (D - 1) log N: the same gradients, no data-set size.
+    z, mu, logvar: B x D. Returns one number (the batch mean)."""
+    batch = z.shape[0]
+    # B x B x D: log q(z_i,d | x_j) for every pair (i, j)
+    pairwise = -0.5 * (LOG_2PI + logvar.unsqueeze(0) + (z.unsqueeze(1) - mu.unsqueeze(0)) ** 2 / logvar.exp().unsqueeze(0))
+    log_norm = math.log(batch)
+    log_qz = torch.logsumexp(pairwise.sum(2), dim=1) - log_norm
+    log_prod_marginals = (torch.logsumexp(pairwise, dim=1) - log_norm).sum(1)
+    return (log_qz - log_prod_marginals).mean()
+
+
 def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
     """log N(z; 0, I) summed over the last dimension."""
     return (-0.5 * (LOG_2PI + z**2)).sum(-1)

@@ -1,5 +1,7 @@
 """β-VAE: shapes on both backbones, the loss is recon + β·KL (or recon + γ|KL − C|) while `elbo`
 stays the true ELBO, the capacity schedule, and on real digits: larger β -> smaller KL, KL follows C."""
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -7,6 +9,7 @@ from safetensors.torch import load_file
 from tests.vaemodels.conftest import train_steps
 from vaemodels.beta_vae import BetaVAE, BetaVAEConfig
 from vaemodels.common import ConfigError, log_normal, log_standard_normal
+from vaemodels.distributions import total_correlation
 from vaemodels.serialization import WEIGHTS_FILE, save_model
 
 SHAPES = [(1, 28, 28), (1, 64, 64), (3, 32, 32)]
@@ -71,6 +74,36 @@ def test_beta_weighs_the_loss_but_not_the_elbo():
     out = BetaVAE(tiny_config(beta=6.0), (1, 8, 8)).loss({"image": torch.rand(4, 1, 8, 8)})
     assert torch.allclose(out["loss"], out["recon"] + 6.0 * out["kl"])
     assert torch.allclose(out["elbo"], -(out["recon"] + out["kl"]))
+
+
+def test_tc_mode_adds_beta_minus_one_total_correlations():
+    torch.manual_seed(0)
+    model = BetaVAE(tiny_config(beta=6.0, beta_target="total_correlation"), (1, 8, 8))
+    out = model.loss({"image": torch.rand(16, 1, 8, 8)})
+    assert out["tc"].item() > 0
+    assert torch.allclose(out["loss"], out["recon"] + out["kl"] + 5.0 * out["tc"])
+    assert torch.allclose(out["elbo"], -(out["recon"] + out["kl"]))
+    out["loss"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.encoder.parameters())
+
+
+def test_total_correlation_tells_dependent_from_independent_codes():
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.randn(1024, 4, generator=gen)
+    logvar = torch.full_like(mu, -2.0)
+    z = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=gen)
+    independent = total_correlation(z, mu, logvar).item()
+    tied_mu = mu.clone()
+    tied_mu[:, 1] = tied_mu[:, 0]
+    tied_mu[:, 3] = -tied_mu[:, 2]
+    tied_z = tied_mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=gen)
+    dependent = total_correlation(tied_z, tied_mu, logvar).item()
+    # Each tied pair is bivariate normal with correlation rho = 1 / (1 + sigma^2); its mutual
+    # information -0.5 log(1 - rho^2) is the pair's share of the true TC.
+    rho = 1.0 / (1.0 + math.exp(-2.0))
+    truth = 2 * -0.5 * math.log(1.0 - rho**2)
+    assert dependent == pytest.approx(truth, abs=0.3), (dependent, truth)
+    assert abs(independent) < 0.3, independent
 
 
 def test_capacity_mode_penalises_distance_to_capacity():
@@ -152,6 +185,10 @@ def test_save_and_load_weights_round_trip(tmp_path):
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"BetaVAEConfig\.beta must be >= 0"):
         BetaVAEConfig(beta=-1.0)
+    with pytest.raises(ConfigError, match=r"BetaVAEConfig\.beta_target must be one of"):
+        BetaVAEConfig(beta_target="tc")
+    with pytest.raises(ConfigError, match=r"BetaVAEConfig\.beta_target total_correlation does not combine"):
+        BetaVAEConfig(beta_target="total_correlation", capacity_max=5.0)
     with pytest.raises(ConfigError, match=r"BetaVAEConfig\.gamma must be > 0"):
         BetaVAEConfig(gamma=0.0)
     with pytest.raises(ConfigError, match=r"BetaVAEConfig\.capacity_start must be in \[0, capacity_max=2.0\]"):
