@@ -5,7 +5,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-PYTEST_ARGS ?=
+# the 30 slowest phases are listed at the end of every run (where the suite's time goes)
+PYTEST_ARGS ?= --durations=30
 # test files run on this many worker processes (pytest-xdist; one file per worker at a time, so a file's
 # module fixtures are built once; the Ray-heavy files in a row on one worker: tests/conftest.py); 0 = serially
 TEST_WORKERS ?= 2
