@@ -226,17 +226,38 @@ start_service mlflow MLFLOW_PID -- "$MLFLOW" server \
     --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1
 
 wait_until "the Ray GCS on port $GCS_PORT" "$RAY_HEAD_PID" ray-head -- port_open "$GCS_PORT"
-start_service ray-node1 RAY_NODE1_PID -- "$RAY" start --address "127.0.0.1:$GCS_PORT" "${RAY_COMMON[@]}" \
-    --node-manager-port "$N_NM" --object-manager-port "$N_OM" \
-    --dashboard-agent-listen-port "$N_AGENT" --dashboard-agent-grpc-port "$N_AGENT_GRPC" \
-    --metrics-export-port "$N_METRICS" --runtime-env-agent-port "$N_RTENV" \
-    --min-worker-port "${N_WORKERS%-*}" --max-worker-port "${N_WORKERS#*-}" --temp-dir "$STACK_DIR/node1"
-
+start_node1() {
+    start_service ray-node1 RAY_NODE1_PID -- "$RAY" start --address "127.0.0.1:$GCS_PORT" "${RAY_COMMON[@]}" \
+        --node-manager-port "$N_NM" --object-manager-port "$N_OM" \
+        --dashboard-agent-listen-port "$N_AGENT" --dashboard-agent-grpc-port "$N_AGENT_GRPC" \
+        --metrics-export-port "$N_METRICS" --runtime-env-agent-port "$N_RTENV" \
+        --min-worker-port "${N_WORKERS%-*}" --max-worker-port "${N_WORKERS#*-}" --temp-dir "$STACK_DIR/node1"
+}
+start_node1
 DASHBOARD="http://127.0.0.1:$DASH_PORT"
 MLFLOW_URI="http://127.0.0.1:$MLFLOW_PORT"
 wait_until "the Ray dashboard at $DASHBOARD" "$RAY_HEAD_PID" ray-head -- answers "$DASHBOARD/api/version"
 TOKEN=$(ray_token) || die "RAY_AUTH_MODE=token but no token in ${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
 two_nodes() { [ "$(alive_nodes "$DASHBOARD" "$TOKEN")" = 2 ]; }
+# `ray start` gives a joining node a fixed 30 s to register with the GCS (Ray's own constant); on a
+# loaded machine the raylet can miss it and the node exits ("timed out during startup"). That
+# case, and only that one, is retried: every process left in the failed node's session is stopped first.
+for try in 1 2 3; do
+    until two_nodes; do
+        kill -0 "$RAY_NODE1_PID" 2>/dev/null || break
+        [ $SECONDS -lt $deadline ] || break
+        sleep 0.5
+    done
+    two_nodes && break
+    kill -0 "$RAY_NODE1_PID" 2>/dev/null && break  # still running: the deadline passed, fail below
+    grep -q "timed out during startup" "$STACK_DIR/logs/ray-node1.log" 2>/dev/null || break
+    [ "$try" -lt 3 ] || break
+    log "ray-node1 missed Ray's 30-s registration window (try $try of 3); starting it again"
+    failed_session=$(ps -eo pid=,sid= | awk -v sid="$RAY_NODE1_PID" '$2 == sid { print $1 }')
+    [ -z "$failed_session" ] || kill -KILL $failed_session 2>/dev/null || true
+    mv "$STACK_DIR/logs/ray-node1.log" "$STACK_DIR/logs/ray-node1.try$try.log"
+    start_node1
+done
 wait_until "2 alive Ray nodes" "$RAY_NODE1_PID" ray-node1 -- two_nodes
 wait_until "MLflow at $MLFLOW_URI/health" "$MLFLOW_PID" mlflow -- healthy "$MLFLOW_URI/health"
 
