@@ -6,6 +6,7 @@ pixels), so the verdict does not rest on vaepipe's own evaluator. Writes a secti
 
     python -m benchmarks.usefulness [--dataset mnist5k|shapes] [--epochs E] [--per-class N]
         [--filter-confidence P (default 0.9; 0 skips that arm)] [--plain-mean] [--keep DIR]
+        [--train-arg=--batch-size --train-arg=16]   # more `vaepipe train` flags, named in the section
 
 Arms, each generated from the one trained model and judged the same way: `vaepipe generate`'s defaults;
 optionally `--pixel-temperature 1` (the plain decoder mean); classifier-filtered sampling with the
@@ -123,12 +124,12 @@ def judge_arm(data: Path, model: str, workdir: Path, arm: str, class_names: list
 
 
 def run(dataset: str, epochs: int, per_class: int, workdir: Path, filter_confidence: float | None,
-        plain_mean: bool) -> dict:
+        plain_mean: bool, train_args: list[str] | None = None) -> dict:
     data, storage = workdir / "data", workdir / "runs"
     build, _ = vaepipe("data", "build", *DATASETS[dataset]["build"], "--out", str(data))
     print(f"[bench] built {build['samples']}", file=sys.stderr)
     trained, train_s = vaepipe("train", "--data", str(data), "--model", "cvae", "--epochs", str(epochs),
-                               "--storage", str(storage), "--name", f"{dataset}-cvae")
+                               "--storage", str(storage), "--name", f"{dataset}-cvae", *(train_args or []))
     print(f"[bench] trained in {train_s:.0f} s: {trained['metrics'].get('val_elbo')}", file=sys.stderr)
     model = str(Path(trained["checkpoint"]) / "model")
     class_names = json.loads((data / "manifest.json").read_text())["class_names"]
@@ -143,6 +144,7 @@ def run(dataset: str, epochs: int, per_class: int, workdir: Path, filter_confide
                               ["--filter-classifier", classifier, "--filter-confidence", str(filter_confidence)],
                               per_class))
     return {"dataset": dataset, "epochs": epochs, "per_class": per_class, "train_s": train_s,
+            "train_args": list(train_args or []),
             "val_elbo": trained["metrics"].get("val_elbo"),
             "val_active_units": trained["metrics"].get("val_active_units"), "arms": arms}
 
@@ -157,7 +159,8 @@ def section(r: dict) -> str:
     lines = [
         f"## Usefulness of synthetic data, {r['dataset']} (benchmarks/usefulness.py)",
         "",
-        f"{time.strftime('%Y-%m-%d')}: `vaepipe train --model cvae --epochs {r['epochs']}` (all other settings "
+        f"{time.strftime('%Y-%m-%d')}: `vaepipe train --model cvae --epochs {r['epochs']}"
+        f"{''.join(' ' + a for a in r.get('train_args', []))}` (all other settings "
         f"default), then per arm `vaepipe generate --per-class {r['per_class']} --seed 1 [ARM FLAGS]` and "
         "`vaepipe evaluate --synthetic` (defaults: gains over 3 seeds); one training run; 2-core CPU, 1-min load "
         f"average {os.getloadavg()[0]:.1f} at the end (other work ran beside it: wall times are upper bounds).",
@@ -212,13 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", help="keep the work folder here instead of a temporary one")
     parser.add_argument("--filter-confidence", type=float, default=0.9,
                         help="also judge classifier-filtered generation at this confidence (0 = skip the arm)")
+    parser.add_argument("--train-arg", action="append", default=[], metavar="FLAG",
+                        help="one more `vaepipe train` argument (repeatable; use --train-arg=--batch-size)")
     parser.add_argument("--plain-mean", action="store_true",
                         help="also judge `--pixel-temperature 1` (the plain decoder mean)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.keep) if args.keep else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        result = run(args.dataset, args.epochs, args.per_class, workdir, args.filter_confidence or None, args.plain_mean)
+        result = run(args.dataset, args.epochs, args.per_class, workdir, args.filter_confidence or None,
+                     args.plain_mean, args.train_arg)
     from benchmarks.report import update_section
 
     update_section(args.report, section(result))
