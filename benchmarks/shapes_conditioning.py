@@ -8,7 +8,7 @@ class)? are reconstructions with the true label? and does decoding a val code wi
 change the shape (if the decoder ignores the label, the classifier still sees the true class)?
 Prints one JSON line per epoch to stdout.
 
-    python -m benchmarks.shapes_conditioning [--epochs 12] [--params '{"beta": 0.5}'] [--res-max-side 32]
+    python -m benchmarks.shapes_conditioning [--epochs 12] [--batch-size 64] [--params '{"beta": 0.5}'] [--res-max-side 32]
 """
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--params", default="{}", help="CVAEConfig overrides as JSON")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=64, help="per step; smaller = more steps per epoch")
     parser.add_argument("--res-max-side", type=int, default=backbones.RES_BLOCK_MAX_SIDE,
                         help="largest feature-map side that gets a residual block (default: the backbone's)")
     args = parser.parse_args(argv)
@@ -74,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     generator, step, started = torch.Generator().manual_seed(0), 0, time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         order = torch.randperm(NUM_TRAIN, generator=generator)
-        for i in range(0, NUM_TRAIN - 63, 64):
-            index = order[i:i + 64]
+        for i in range(0, NUM_TRAIN - args.batch_size + 1, args.batch_size):
+            index = order[i:i + args.batch_size]
             model.set_training_step(step)
             loss = model.loss({"image": train_x[index], "label": train_y[index]})["loss"]
             optimizer.zero_grad(set_to_none=True)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             optimizer.step()
             step += 1
-        row = {"epoch": epoch, "seconds": round(time.perf_counter() - started), **diagnose(model, reference, val_x, val_y)}
+        row = {"epoch": epoch, "steps": step, "seconds": round(time.perf_counter() - started), **diagnose(model, reference, val_x, val_y)}
         print(json.dumps(row), flush=True)
     return 0
 
