@@ -263,7 +263,8 @@ GENERATE_FLAGS = {"out": "out", "num_samples": "num_samples", "per_class": "per_
                   "image_format": "image_format", "batch_size": "batch_size", "workers": "workers",
                   "gpu": "use_gpu", "overwrite": "overwrite", "filter_classifier": "filter_classifier",
                   "filter_confidence": "filter_confidence", "date": "date", "experiment": "experiment",
-                  "track": "track", "evaluate_against": "evaluate_against", "plots_per_class": "plots_per_class"}
+                  "track": "track", "evaluate_against": "evaluate_against", "plots_per_class": "plots_per_class",
+                  "latent_prior": "latent_prior", "prior_data": "prior_data", "prior_components": "prior_components"}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -48,7 +48,7 @@ def field_defaults(config_class: type) -> dict[str, Any]:
 
 def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> argparse.ArgumentParser:
     """Every subcommand and flag; `commands` maps a subcommand to the function it runs (pipelines.cli)."""
-    from pipelines.batch.generate_config import IMAGE_FORMATS, GenerateConfig
+    from pipelines.batch.generate_config import IMAGE_FORMATS, LATENT_PRIORS, GenerateConfig
     from pipelines.evaluation.config import EvaluateConfig
     from pipelines.training.search_config import SearchSection
 
@@ -223,6 +223,14 @@ def build_parser(commands: dict[str, Callable[[argparse.Namespace], int]]) -> ar
                                "OUT/reference_classifier/) assigns to their label; needs --filter-confidence")
     generate.add_argument("--filter-confidence", type=finite_float, metavar="P",
                           help="the classifier probability, in (0, 1), a kept sample's label must reach")
+    generate.add_argument("--latent-prior", choices=LATENT_PRIORS,
+                          help="where z comes from: model = the model's own prior; mixture = Gaussian mixtures per "
+                               "class fitted to the codes of --prior-data's train images, so samples land where "
+                               f"real codes are (default {g['latent_prior']})")
+    generate.add_argument("--prior-data", metavar="DATA",
+                          help="the real dataset (manifest.json or its folder) --latent-prior mixture is fitted to")
+    generate.add_argument("--prior-components", type=int, metavar="K",
+                          help=f"Gaussians per class in the mixture (default {g['prior_components']})")
     generate.add_argument("--experiment",
                           help=f"MLflow experiment of the lineage run (default {g['experiment']})")
     generate.add_argument("--track", action=argparse.BooleanOptionalAction, default=None,

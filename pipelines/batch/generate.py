@@ -106,8 +106,8 @@ def with_model_class_names(config: GenerateConfig, info: ModelInfo) -> GenerateC
     return dataclasses.replace(config, class_names=tuple(names))
 
 
-def generation_request(config: GenerateConfig, model: ModelInfo, sample_filter: FilterInfo | None = None
-                       ) -> dict[str, Any]:
+def generation_request(config: GenerateConfig, model: ModelInfo, sample_filter: FilterInfo | None = None,
+                       latent_prior: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything that fixes the output bytes. Not in it: out, model_dir (a pulled model may land
     anywhere; its sha256 identifies it), workers and overwrite. batch_size and use_gpu are in it
     because float rounding can differ with the batch shape and the device. A filter is in it by its
@@ -131,6 +131,8 @@ def generation_request(config: GenerateConfig, model: ModelInfo, sample_filter: 
         request["image_format"] = config.image_format
     if sample_filter is not None:
         request["filter"] = {"classifier_sha256": sample_filter.sha256, "confidence": sample_filter.confidence}
+    if latent_prior is not None:  # likewise: the mixture's fit, by its sha256 (pipelines/batch/latent_prior.py)
+        request["latent_prior"] = latent_prior
     return request
 
 
@@ -172,8 +174,13 @@ class GenerateBlock:
     def __init__(self, model_dir: str, use_gpu: bool, batch_size: int, temperature: float, seed: int,
                  provenance: dict[str, str], class_names: list[str] | None, filter_classifier: str | None = None,
                  filter_confidence: float | None = None, pixel_temperature: float = 1.0,
-                 image_format: str = "png"):
+                 image_format: str = "png", latent_prior: dict[str, Any] | None = None):
         self.model = load_worker_model(model_dir, use_gpu)
+        self.latent_prior = None
+        if latent_prior is not None:
+            from vaemodels.mixture_prior import MixturePrior
+
+            self.latent_prior = MixturePrior.from_dict(latent_prior)
         self.batch_size = batch_size
         self.temperature = temperature
         self.pixel_temperature = pixel_temperature
@@ -262,7 +269,13 @@ class GenerateBlock:
             for i in range(0, n, self.batch_size):
                 count = min(self.batch_size, n - i)
                 chunk_labels = None if labels is None else labels[i:i + count]
-                x, z = self.model.sample_with_latent(count, chunk_labels, generator, self.temperature)
+                if self.latent_prior is None:
+                    x, z = self.model.sample_with_latent(count, chunk_labels, generator, self.temperature)
+                else:  # codes from the fitted mixture (on the CPU generator), decoded by the model
+                    z = self.latent_prior.sample(count, chunk_labels, generator, self.temperature)
+                    conditioning = self.model.condition_on(chunk_labels)
+                    z = z.to(self.model.device)
+                    x = self.model.decode(z) if conditioning is None else self.model.decode(z, conditioning)
                 x = self.model.temper_pixels(x, self.pixel_temperature)
                 pixels.append(to_uint8(x))
                 latents.append(z.cpu())
@@ -305,8 +318,17 @@ def plan_generation(config: GenerateConfig, today: datetime.date | None = None) 
     if config.filter_classifier is not None:
         sample_filter = inspect_filter(config.filter_classifier, config.filter_confidence, model.name,
                                        model.input_shape, model.num_classes, model_class_names(config.model_dir))
+    prior, prior_entry = None, None
+    if config.latent_prior == "mixture":
+        if block_fn is not GenerateBlock:
+            raise ConfigError(f"latent_prior=mixture is for image models; the {model.name!r} model in "
+                              f"{config.model_dir} makes {loaded.modality} data")
+        from pipelines.batch.latent_prior import fit_latent_prior
+
+        prior, prior_entry = fit_latent_prior(loaded, config.prior_data, config.prior_components,
+                                              config.prior_images, config.seed)
     out = Path(config.out).resolve()
-    request = generation_request(config, model, sample_filter)
+    request = generation_request(config, model, sample_filter, prior_entry)
     extra_kwargs: dict[str, Any] = {}
     if block_fn is not GenerateBlock:
         request, extra_kwargs, metadata = block_fn.plan(config, model, loaded, request)
@@ -324,6 +346,7 @@ def plan_generation(config: GenerateConfig, today: datetime.date | None = None) 
             "class_names": list(config.class_names) if config.class_names is not None else None,
             **({"filter_classifier": sample_filter.classifier, "filter_confidence": sample_filter.confidence}
                if sample_filter is not None else {}),
+            **({"latent_prior": prior.to_dict()} if prior is not None else {}),
             **extra_kwargs,
         },
         owned_dirs=owned_dirs,

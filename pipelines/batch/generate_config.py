@@ -20,6 +20,11 @@ DEFAULT_PIXEL_TEMPERATURE = 0.25
 # images/ (what object stores and streaming readers handle best at millions of samples); "none" = Parquet only
 IMAGE_FORMATS = ("png", "shards", "none")
 
+# where z comes from: "model" = the model's own prior (N(0, I), a cvae's per-class Gaussian); "mixture" = a
+# Gaussian mixture per class fitted once per job to the posterior means of prior_data's train split
+# (vaemodels/mixture_prior.py): codes where real images' codes are (shapes cvae: label agreement 0.67 -> 0.84)
+LATENT_PRIORS = ("model", "mixture")
+
 
 def _is_iso_date(text: str) -> bool:
     import datetime
@@ -65,6 +70,10 @@ class GenerateConfig:
     # against EvaluateConfig before anything is written
     evaluation: dict[str, Any] = dataclasses.field(default_factory=dict)
     plots_per_class: int = 0  # series models: PNG plots of this many windows per class and block (0 = none)
+    latent_prior: str = "model"  # model | mixture (needs prior_data): see LATENT_PRIORS
+    prior_data: str | None = None  # real dataset (manifest or folder) the mixture is fitted to (its train split)
+    prior_components: int = 50  # Gaussians per class in the mixture
+    prior_images: int = 20_000  # at most this many train images are encoded for the fit (a seeded uniform sample)
 
     def __post_init__(self) -> None:
         if (self.num_samples is None) == (self.per_class is None):
@@ -96,6 +105,15 @@ class GenerateConfig:
             (self.filter_classifier is None or bool(self.filter_classifier),
              "filter_classifier must name a saved reference classifier folder"),
             (self.plots_per_class >= 0, f"plots_per_class must be >= 0, got {self.plots_per_class}"),
+            (self.latent_prior in LATENT_PRIORS,
+             f"latent_prior must be one of {', '.join(LATENT_PRIORS)}, got {self.latent_prior!r}"),
+            (self.latent_prior != "mixture" or bool(self.prior_data),
+             "latent_prior=mixture needs prior_data (--prior-data DATA: the real dataset to fit the mixture to)"),
+            (self.prior_data is None or self.latent_prior == "mixture",
+             f"prior_data is only read with latent_prior=mixture (--latent-prior mixture), got latent_prior="
+             f"{self.latent_prior!r}"),
+            (self.prior_components >= 1, f"prior_components must be >= 1, got {self.prior_components}"),
+            (self.prior_images >= 20, f"prior_images must be >= 20, got {self.prior_images}"),
             (self.filter_confidence is None or 0 < self.filter_confidence < 1,
              f"filter_confidence must be in (0, 1), got {self.filter_confidence}"),
         ]
