@@ -7,6 +7,7 @@ pixels), so the verdict does not rest on vaepipe's own evaluator. Writes a secti
     python -m benchmarks.usefulness [--dataset mnist5k|shapes] [--epochs E] [--per-class N]
         [--filter-confidence P (default 0.9; 0 skips that arm)] [--plain-mean] [--keep DIR]
         [--train-arg=--batch-size --train-arg=16]   # more `vaepipe train` flags, named in the section
+        [--mixture-prior]   # also judge `--latent-prior mixture --prior-data DATA` (codes from a fitted mixture)
 
 Arms, each generated from the one trained model and judged the same way: `vaepipe generate`'s defaults;
 optionally `--pixel-temperature 1` (the plain decoder mean); classifier-filtered sampling with the
@@ -124,7 +125,7 @@ def judge_arm(data: Path, model: str, workdir: Path, arm: str, class_names: list
 
 
 def run(dataset: str, epochs: int, per_class: int, workdir: Path, filter_confidence: float | None,
-        plain_mean: bool, train_args: list[str] | None = None) -> dict:
+        plain_mean: bool, train_args: list[str] | None = None, mixture_prior: bool = False) -> dict:
     data, storage = workdir / "data", workdir / "runs"
     build, _ = vaepipe("data", "build", *DATASETS[dataset]["build"], "--out", str(data))
     print(f"[bench] built {build['samples']}", file=sys.stderr)
@@ -138,6 +139,9 @@ def run(dataset: str, epochs: int, per_class: int, workdir: Path, filter_confide
     arms = [judge_arm(data, model, workdir, "default", class_names, [], per_class)]
     if plain_mean:
         arms.append(judge_arm(data, model, workdir, "plain-mean", class_names, ["--pixel-temperature", "1"], per_class))
+    if mixture_prior:
+        arms.append(judge_arm(data, model, workdir, "mixture-prior", class_names,
+                              ["--latent-prior", "mixture", "--prior-data", str(data)], per_class))
     if filter_confidence is not None:
         classifier = str(Path(arms[0]["report"]) / "reference_classifier")
         arms.append(judge_arm(data, model, workdir, f"filtered-{filter_confidence:g}", class_names,
@@ -150,6 +154,7 @@ def run(dataset: str, epochs: int, per_class: int, workdir: Path, filter_confide
 
 
 ARM_TITLES = {"default": "`vaepipe generate` defaults (pixel temperature 0.25)",
+              "mixture-prior": "`--latent-prior mixture --prior-data DATA` (50 Gaussians per class)",
               "plain-mean": "`--pixel-temperature 1` (the plain decoder mean, the default before)"}
 
 
@@ -217,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also judge classifier-filtered generation at this confidence (0 = skip the arm)")
     parser.add_argument("--train-arg", action="append", default=[], metavar="FLAG",
                         help="one more `vaepipe train` argument (repeatable; use --train-arg=--batch-size)")
+    parser.add_argument("--mixture-prior", action="store_true",
+                        help="also judge `--latent-prior mixture --prior-data DATA` (a mixture fitted to real codes)")
     parser.add_argument("--plain-mean", action="store_true",
                         help="also judge `--pixel-temperature 1` (the plain decoder mean)")
     args = parser.parse_args(argv)
@@ -224,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(args.keep) if args.keep else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         result = run(args.dataset, args.epochs, args.per_class, workdir, args.filter_confidence or None,
-                     args.plain_mean, args.train_arg)
+                     args.plain_mean, args.train_arg, args.mixture_prior)
     from benchmarks.report import update_section
 
     update_section(args.report, section(result))
