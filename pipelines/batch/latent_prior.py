@@ -19,6 +19,7 @@ def fit_latent_prior(model: Any, data: str, components: int, images: int, seed: 
     not fit the model (modality, image shape, classes)."""
     from pipelines.data.manifest import ManifestError, read_manifest
     from pipelines.evaluation.data import embed, load_split
+    from pipelines.evaluation.evaluate import check_model_fits
 
     try:
         manifest = read_manifest(data)
@@ -26,12 +27,10 @@ def fit_latent_prior(model: Any, data: str, components: int, images: int, seed: 
         raise ConfigError(f"prior_data: {exc}") from exc
     if manifest.modality != "image":
         raise ConfigError(f"prior_data {data} holds {manifest.modality} data; the mixture prior is fitted to images")
-    if tuple(manifest.image_shape) != tuple(model.input_shape):
-        raise ConfigError(f"prior_data {data} has images of shape {tuple(manifest.image_shape)} but the "
-                          f"{model.name!r} model takes {tuple(model.input_shape)}")
-    if model.is_conditional and manifest.num_classes != model.num_classes:
-        raise ConfigError(f"prior_data {data} has {manifest.num_classes} classes but the {model.name!r} model "
-                          f"has {model.num_classes}")
+    try:
+        check_model_fits(model, manifest)
+    except ConfigError as exc:
+        raise ConfigError(f"prior_data: {exc}") from exc
     split = load_split(manifest, "train", images, seed)
     labels = split.labels.numpy() if model.is_conditional else None
     if labels is not None and (labels < 0).any():

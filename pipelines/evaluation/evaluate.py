@@ -140,14 +140,20 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
             "reference_classifier": str((out / CLASSIFIER_DIR).resolve()) if num_classes >= 2 else None}
 
 
-def _check_fits(model: vaemodels.AutoEncoderModel, manifest: Manifest, config: EvaluateConfig) -> int:
-    """The dataset's class count, once the model, the dataset and the request are known to fit together."""
+def check_model_fits(model: vaemodels.AutoEncoderModel, manifest: Manifest) -> None:
+    """ConfigError unless the dataset's images are the model's input shape and, for a conditional
+    model, its classes are the model's number of classes."""
     if tuple(model.input_shape) != tuple(manifest.image_shape):
         raise ConfigError(f"the model takes images of shape {tuple(model.input_shape)} but the dataset "
                           f"{manifest.location} holds {tuple(manifest.image_shape)}")
     if model.is_conditional and manifest.num_classes != model.num_classes:
         raise ConfigError(f"the {model.name!r} model has {model.num_classes} classes but the dataset has "
                           f"{manifest.num_classes}")
+
+
+def _check_fits(model: vaemodels.AutoEncoderModel, manifest: Manifest, config: EvaluateConfig) -> int:
+    """The dataset's class count, once the model, the dataset and the request are known to fit together."""
+    check_model_fits(model, manifest)
     if config.held_out_class is not None and config.held_out_class >= manifest.num_classes:
         raise ConfigError(f"held_out_class {config.held_out_class} is not a class of the dataset "
                           f"({manifest.num_classes} classes)")

@@ -108,9 +108,10 @@ def test_bad_prior_requests_fail_before_anything_is_written(cvae_dir, digits_dat
         mixture(cvae_dir, out, digits_dataset, prior_components=0)
     with pytest.raises(ConfigError, match=r"prior_data: no dataset manifest at .*nowhere"):
         run_generation(mixture(cvae_dir, out, tmp_path / "nowhere"))
-    with pytest.raises(ConfigError, match=r"images of shape \(1, 64, 64\) but the 'cvae' model takes \(1, 8, 8\)"):
+    wrong_shape = r"prior_data: the model takes images of shape \(1, 8, 8\) but the dataset .* holds \(1, 64, 64\)"
+    with pytest.raises(ConfigError, match=wrong_shape):
         run_generation(mixture(cvae_dir, out, shapes_dataset))
     three = vaemodels.build("cvae", (1, 64, 64), 10, backbone="mlp", latent_dim=4, hidden_dim=16)
-    with pytest.raises(ConfigError, match="has 3 classes but the 'cvae' model has 10"):
+    with pytest.raises(ConfigError, match="prior_data: the 'cvae' model has 10 classes but the dataset has 3"):
         run_generation(mixture(str(vaemodels.save_model(three, tmp_path / "m64")), out, shapes_dataset))
     assert not out.exists()
