@@ -169,6 +169,8 @@ class GenerateBlock:
     `model.sample_with_latent` draws from the model's prior (a cvae's per-class one, every layer of
     a hierarchy) `batch_size` samples at a time from one CPU generator seeded per block, so a block's
     bytes depend on (seed, block, batch_size, temperature), not on the device; each row keeps its z.
+    With a fitted `latent_prior` (pipelines/batch/latent_prior.py) the codes come from that mixture
+    instead, on the same generator, and the model decodes them.
     """
 
     def __init__(self, model_dir: str, use_gpu: bool, batch_size: int, temperature: float, seed: int,
