@@ -70,12 +70,36 @@ def env_file(tmp_path):
         run_script("stop-stack.sh", path, timeout=120)
 
 
+def stack_state(values: dict[str, str], exc: subprocess.TimeoutExpired) -> str:
+    """For a timed-out command: its stderr, `ray status` and the submitted job's log tail."""
+    import re
+
+    stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+    parts = [f"command stderr:\n{stderr[-2000:]}"]
+    try:
+        ray = str(Path(sys.executable).parent / "ray")
+        status = subprocess.run([ray, "status", "--address", values["RAY_ADDRESS"]],
+                                env={**os.environ, "RAY_AUTH_MODE": values.get("RAY_AUTH_MODE", "disabled")},
+                                capture_output=True, text=True, timeout=60)
+        parts.append(f"ray status:\n{status.stdout[-2000:]}{status.stderr[-1000:]}")
+        job = re.search(r"submitted as (\S+)", stderr)
+        if job:
+            body = get(f"{values['RAY_DASHBOARD_ADDRESS']}/api/jobs/{job.group(1)}/logs", ray_token(values))[1]
+            parts.append(f"job {job.group(1)} log tail:\n{json.loads(body).get('logs', '')[-3000:]}")
+    except Exception as err:  # the diagnosis must not hide the timeout
+        parts.append(f"(could not read the stack's state: {err!r})")
+    return "\n".join(parts)
+
+
 def vaepipe(values: dict[str, str], *args: str, timeout: float = 600) -> dict:
     """Run a vaepipe command against the stack; returns its JSON result line."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(OMP_NUM_THREADS="1", RAY_AUTH_MODE=values.get("RAY_AUTH_MODE", "disabled"))
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    try:
+        done = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # say what the cluster and the job were doing, not only "timed out"
+        pytest.fail(f"vaepipe {' '.join(args[:2])} timed out after {timeout:.0f} s\n{stack_state(values, exc)}")
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
