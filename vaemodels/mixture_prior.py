@@ -10,6 +10,7 @@ generator, so a generation block's bytes depend only on its seed. Parameters tra
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -52,6 +53,11 @@ class MixturePrior:
         return cls(tuple(int(k) for k in data["keys"]), np.asarray(data["weights"], np.float64),
                    np.asarray(data["means"], np.float64), np.asarray(data["cholesky"], np.float64))
 
+    @functools.cached_property
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """weights, means and Cholesky factors as float64 tensors, made once (sampling runs per batch)."""
+        return tuple(torch.as_tensor(a, dtype=torch.float64) for a in (self.weights, self.means, self.cholesky))
+
     def sample(self, n: int, labels: torch.Tensor | None, generator: torch.Generator,
                temperature: float = 1.0) -> torch.Tensor:
         """n codes (n x D, float32, on the CPU): a component drawn by weight, then mean + T * L @ eps.
@@ -65,11 +71,10 @@ class MixturePrior:
                 raise ValueError(f"the mixture prior has no component for classes {missing} "
                                  f"(it was fitted on classes {list(self.keys)})")
             rows = torch.tensor([index[int(y)] for y in labels.tolist()], dtype=torch.long)
-        weights = torch.as_tensor(self.weights, dtype=torch.float64)[rows]
-        component = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+        weights, means, factors = self._tensors
+        component = torch.multinomial(weights[rows], 1, generator=generator).squeeze(1)
         noise = torch.randn((n, self.latent_dim), generator=generator, dtype=torch.float64)
-        means = torch.as_tensor(self.means)[rows, component]
-        factors = torch.as_tensor(self.cholesky)[rows, component]
+        means, factors = means[rows, component], factors[rows, component]
         return (means + temperature * torch.einsum("nij,nj->ni", factors, noise)).float()
 
 

@@ -274,10 +274,8 @@ class GenerateBlock:
                 if self.latent_prior is None:
                     x, z = self.model.sample_with_latent(count, chunk_labels, generator, self.temperature)
                 else:  # codes from the fitted mixture (on the CPU generator), decoded by the model
-                    z = self.latent_prior.sample(count, chunk_labels, generator, self.temperature)
-                    conditioning = self.model.condition_on(chunk_labels)
-                    z = z.to(self.model.device)
-                    x = self.model.decode(z) if conditioning is None else self.model.decode(z, conditioning)
+                    z = self.latent_prior.sample(count, chunk_labels, generator, self.temperature).to(self.model.device)
+                    x = self.model.decode(z, self.model.condition_on(chunk_labels))
                 x = self.model.temper_pixels(x, self.pixel_temperature)
                 pixels.append(to_uint8(x))
                 latents.append(z.cpu())
